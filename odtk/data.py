@@ -1,0 +1,219 @@
+"""COCO datasets and loaders: resize, augment, normalise, pad to the stride, batch ragged boxes."""
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageOps
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .convert import IMAGE_EXTENSIONS
+from .utils import OdtkError, log
+
+
+@dataclass
+class Augment:
+    """Training-time augmentation (ODTK's flags); all off for inference."""
+    flip: bool = True
+    rotate: bool = False
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+
+
+def load_image(path: str) -> Image.Image:
+    """RGB image as displayed (EXIF orientation applied); grayscale, RGBA and palettes converted."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        return im.convert("RGB")
+
+
+def resize_ratio(width: int, height: int, resize: int, max_size: int) -> float:
+    """Scale taking the shorter side to `resize`, capped so the longer side is at most `max_size`."""
+    ratio = resize / min(width, height)
+    if ratio * max(width, height) > max_size:
+        ratio = max_size / max(width, height)
+    return ratio
+
+
+def read_coco(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise OdtkError(f"{path}: annotations file not found")
+    try:
+        with open(path) as f:
+            coco = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OdtkError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(coco, dict) or "images" not in coco:
+        raise OdtkError(f"{path}: not a COCO annotations file (no 'images' list)")
+    coco.setdefault("annotations", [])
+    coco.setdefault("categories", [])
+    return coco
+
+
+class CocoDataset(Dataset):
+    """Images of a COCO file (or of a folder, with no annotations) -> normalised tensors and boxes.
+
+    Class indices follow `category_ids` (the model's), else the file's category ids in sorted order.
+    """
+
+    def __init__(self, images: str, annotations: Optional[str] = None, *, resize: int = 800,
+                 max_size: int = 1333, jitter: Optional[Tuple[int, int]] = None, augment: Optional[Augment] = None,
+                 category_ids: Optional[Sequence[int]] = None, mean: Sequence[float] = (0.485, 0.456, 0.406),
+                 std: Sequence[float] = (0.229, 0.224, 0.225)):
+        self.root = images
+        self.resize, self.max_size, self.jitter = resize, max_size, jitter
+        self.augment = augment or Augment(flip=False)
+        self.mean, self.std = list(mean), list(std)
+        self.boxes: Dict[int, Tensor] = {}
+        self.labels: Dict[int, Tensor] = {}
+        if annotations:
+            coco = read_coco(annotations)
+            self.coco_path = annotations
+            cats = sorted(c["id"] for c in coco["categories"])
+            self.category_ids = list(category_ids) if category_ids is not None else cats
+            self.class_names = {c["id"]: c.get("name", str(c["id"])) for c in coco["categories"]}
+            unknown = sorted(set(cats) - set(self.category_ids))
+            if unknown:
+                raise OdtkError(f"{annotations}: categories {unknown} are not among the model's classes "
+                                f"{self.category_ids} (train a new model, or --fine-tune from this one)")
+            self.ids = [im["id"] for im in coco["images"]]
+            self.files = {im["id"]: im["file_name"] for im in coco["images"]}
+            self._index_boxes(coco, annotations)
+        else:
+            if not os.path.isdir(images):
+                raise OdtkError(f"{images}: images folder not found")
+            names = sorted(f for f in os.listdir(images) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not names:
+                raise OdtkError(f"{images}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            self.coco_path = None
+            self.category_ids = list(category_ids) if category_ids is not None else []
+            self.class_names = {}
+            self.ids = list(range(1, len(names) + 1))
+            self.files = dict(zip(self.ids, names))
+        missing = [f for f in self.files.values() if not os.path.isfile(os.path.join(images, f))]
+        if missing:
+            raise OdtkError(f"{os.path.join(images, missing[0])}: image file not found"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+    def _index_boxes(self, coco: dict, path: str) -> None:
+        index = {c: i for i, c in enumerate(self.category_ids)}
+        sizes = {im["id"]: (im.get("width"), im.get("height")) for im in coco["images"]}
+        per_image: Dict[int, list] = {i: [] for i in self.ids}
+        dropped = {"zero-area": 0, "crowd": 0, "outside the image": 0, "unknown image": 0}
+        for a in coco["annotations"]:
+            if a["image_id"] not in per_image:
+                dropped["unknown image"] += 1
+                continue
+            if a.get("iscrowd", 0):
+                dropped["crowd"] += 1
+                continue
+            x, y, w, h = a["bbox"]
+            x1, y1, x2, y2 = x, y, x + w, y + h
+            width, height = sizes[a["image_id"]]
+            if width and height:
+                x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+                if x2 <= x1 or y2 <= y1:
+                    dropped["zero-area" if w <= 0 or h <= 0 else "outside the image"] += 1
+                    continue
+            elif w <= 0 or h <= 0:
+                dropped["zero-area"] += 1
+                continue
+            per_image[a["image_id"]].append((x1, y1, x2, y2, index[a["category_id"]]))
+        for i, rows in per_image.items():
+            t = torch.tensor(rows, dtype=torch.float32).reshape(-1, 5)
+            self.boxes[i], self.labels[i] = t[:, :4], t[:, 4].long()
+        for why, n in dropped.items():
+            if n:
+                log.warning(f"{path}: dropped {n} {why} box{'es' if n > 1 else ''}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        path = os.path.join(self.root, self.files[image_id])
+        try:
+            im = load_image(path)
+        except Exception as e:   # a corrupt file mid-run: skip it, say which
+            log.warning(f"{path}: cannot read image ({e.__class__.__name__}: {e}); skipped")
+            return None
+        boxes = self.boxes.get(image_id, torch.zeros(0, 4)).clone()
+        labels = self.labels.get(image_id, torch.zeros(0, dtype=torch.long))
+        resize = random.randint(*self.jitter) if self.jitter else self.resize
+        ratio = resize_ratio(im.width, im.height, resize, self.max_size)
+        size = (max(1, round(im.height * ratio)), max(1, round(im.width * ratio)))
+        # rounding makes x and y scales differ slightly from ratio: scale boxes by the real ones
+        boxes *= torch.tensor([size[1] / im.width, size[0] / im.height] * 2)
+        im = im.resize(size[::-1], Image.BILINEAR)
+        im, boxes = self._augment(im, boxes)
+        x = TF.normalize(TF.to_tensor(im), self.mean, self.std)
+        return x, boxes, labels, image_id, ratio
+
+    def _augment(self, im: Image.Image, boxes: Tensor) -> Tuple[Image.Image, Tensor]:
+        aug = self.augment
+        if aug.rotate and random.random() < 0.5:
+            k = random.choice((1, 2, 3))                  # quarter turns counter-clockwise
+            for _ in range(k):
+                w = im.width
+                im = im.transpose(Image.ROTATE_90)
+                boxes = torch.stack([boxes[:, 1], w - boxes[:, 2], boxes[:, 3], w - boxes[:, 0]], dim=1)
+        if aug.flip and random.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+            boxes = torch.stack([im.width - boxes[:, 2], boxes[:, 1], im.width - boxes[:, 0], boxes[:, 3]], dim=1)
+        if aug.brightness:
+            im = TF.adjust_brightness(im, random.uniform(1 - aug.brightness, 1 + aug.brightness))
+        if aug.contrast:
+            im = TF.adjust_contrast(im, random.uniform(1 - aug.contrast, 1 + aug.contrast))
+        if aug.saturation:
+            im = TF.adjust_saturation(im, random.uniform(1 - aug.saturation, 1 + aug.saturation))
+        if aug.hue:
+            im = TF.adjust_hue(im, random.uniform(-aug.hue, aug.hue))
+        return im, boxes
+
+
+def collate(samples: list, size_divisible: int = 32):
+    """Pad images to a common size divisible by the stride; pad boxes with label -1."""
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        return None
+    h = max(s[0].shape[1] for s in samples)
+    w = max(s[0].shape[2] for s in samples)
+    h, w = (int(math.ceil(v / size_divisible) * size_divisible) for v in (h, w))
+    images = samples[0][0].new_zeros(len(samples), 3, h, w)
+    m = max(1, max(s[1].shape[0] for s in samples))
+    boxes = torch.zeros(len(samples), m, 4)
+    labels = torch.full((len(samples), m), -1, dtype=torch.long)
+    for i, (x, b, l, _, _) in enumerate(samples):
+        images[i, :, :x.shape[1], :x.shape[2]] = x
+        boxes[i, :b.shape[0]] = b
+        labels[i, :l.shape[0]] = l
+    ids = torch.tensor([s[3] for s in samples])
+    ratios = torch.tensor([s[4] for s in samples], dtype=torch.float64)
+    return images, boxes, labels, ids, ratios
+
+
+class _Collate:
+    # a picklable callable: DataLoader workers may be spawned processes
+    def __init__(self, size_divisible: int):
+        self.size_divisible = size_divisible
+
+    def __call__(self, samples):
+        return collate(samples, self.size_divisible)
+
+
+def make_loader(dataset: CocoDataset, *, batch_size: int, training: bool, workers: int = 2,
+                size_divisible: int = 32, rank: int = 0, world_size: int = 1, seed: int = 0) -> DataLoader:
+    sampler = None
+    if world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=training, seed=seed,
+                                     drop_last=False)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=training and sampler is None, sampler=sampler,
+                      num_workers=workers, collate_fn=_Collate(size_divisible), drop_last=training,
+                      persistent_workers=training and workers > 0, pin_memory=torch.cuda.is_available())

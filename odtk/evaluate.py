@@ -1,0 +1,63 @@
+"""COCO evaluation with pycocotools: the standard summary plus a per-class AP table."""
+import contextlib
+import io
+from typing import Dict, List
+
+import numpy as np
+
+from .utils import log
+
+
+def evaluate(annotations: str, detections: str, *, verbose: bool = True) -> Dict[str, float]:
+    """COCOeval (bbox) of a detections JSON against a COCO file; returns AP, AP50, ... and per-class APs."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(annotations)
+    import json
+    with open(detections) as f:
+        dets = json.load(f)
+    if not dets:
+        log.warning("no detections: AP is 0")
+        return {"AP": 0.0, "AP50": 0.0}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        dt = gt.loadRes(detections)
+        ev = COCOeval(gt, dt, "bbox")
+        ev.params.imgIds = sorted(gt.getImgIds())
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    if verbose:
+        print(out.getvalue().split("DONE", 2)[-1].split("\n", 1)[-1].rstrip())
+    names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+    results = {n: float(v) for n, v in zip(names, ev.stats)}
+    rows = per_class_ap(ev, gt)
+    if verbose:
+        print(format_table(rows))
+    results["per_class"] = rows
+    return results
+
+
+def per_class_ap(ev, gt) -> List[dict]:
+    """AP (IoU .50:.95) and AP50 per category, area 'all', 100 detections."""
+    precision = ev.eval["precision"]          # [T, R, K, A, M]
+    rows = []
+    for k, cat_id in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p50 = precision[0, :, k, 0, -1]
+        ap = float(np.mean(p[p > -1])) if (p > -1).any() else float("nan")
+        ap50 = float(np.mean(p50[p50 > -1])) if (p50 > -1).any() else float("nan")
+        n = len(gt.getAnnIds(catIds=[cat_id], iscrowd=False))
+        rows.append({"id": cat_id, "name": gt.cats[cat_id].get("name", str(cat_id)), "boxes": n,
+                     "AP": ap, "AP50": ap50})
+    return rows
+
+
+def format_table(rows: List[dict]) -> str:
+    width = max([len("class")] + [len(r["name"]) for r in rows])
+    lines = [f"{'class':<{width}}  {'boxes':>6}  {'AP':>6}  {'AP50':>6}", "-" * (width + 26)]
+    for r in rows:
+        lines.append(f"{r['name']:<{width}}  {r['boxes']:>6}  {r['AP']:>6.3f}  {r['AP50']:>6.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""RetinaNet losses: sigmoid focal loss and smooth-L1, normalised by the foreground count."""
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import sigmoid_focal_loss
+
+
+def focal_loss(logits: Tensor, cls_target: Tensor, *, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Summed focal loss over non-ignored anchors. logits [N, C]; cls_target [N] (>=0 fg, -1 bg, -2 ignore)."""
+    keep = cls_target >= -1
+    logits = logits[keep]
+    target = cls_target[keep]
+    onehot = torch.zeros_like(logits)
+    fg = target >= 0
+    onehot[fg.nonzero(as_tuple=True)[0], target[fg]] = 1.0
+    return sigmoid_focal_loss(logits.float(), onehot.float(), alpha=alpha, gamma=gamma, reduction="sum")
+
+
+def box_loss(deltas: Tensor, box_target: Tensor, cls_target: Tensor, *, beta: float = 0.11) -> Tensor:
+    """Summed smooth-L1 over foreground anchors."""
+    fg = cls_target >= 0
+    return F.smooth_l1_loss(deltas[fg].float(), box_target[fg].float(), beta=beta, reduction="sum")
+
+
+def retinanet_loss(cls_out: Tensor, box_out: Tensor, cls_target: Tensor, box_target: Tensor, *,
+                   alpha: float = 0.25, gamma: float = 2.0, beta: float = 0.11) -> Dict[str, Tensor]:
+    """cls_out [B, A, C], box_out [B, A, 4], targets from box.assign_targets. Losses are per foreground anchor."""
+    num_classes = cls_out.shape[-1]
+    cls_target = cls_target.reshape(-1)
+    num_fg = (cls_target >= 0).sum().clamp(min=1).float()
+    cls = focal_loss(cls_out.reshape(-1, num_classes), cls_target, alpha=alpha, gamma=gamma)
+    box = box_loss(box_out.reshape(-1, 4), box_target.reshape(-1, 4), cls_target, beta=beta)
+    return {"cls": cls / num_fg, "box": box / num_fg}

@@ -1,0 +1,187 @@
+"""Command line: odtk {train,infer,export,convert,synthetic}."""
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from .utils import OdtkError, log, setup_logging
+
+BACKBONE_HELP = ("ResNet18FPN, ResNet34FPN, ResNet50FPN, ResNet101FPN, ResNet152FPN, ResNeXt50_32x4dFPN, "
+                 "ResNeXt101_32x8dFPN, MobileNetV2FPN")
+
+
+def _master(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"'{value}' is not address:port")
+    return value
+
+
+def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="odtk", description="RetinaNet object detection toolkit",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--master", metavar="address:port", type=_master, default="127.0.0.1:29500",
+                        help="address and port of the rank 0 process for distributed training")
+    parser.add_argument("--verbose", action="store_true", help="more detail")
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("train", help="train a model", formatter_class=fmt)
+    p.add_argument("model", help="output model checkpoint (.pth); resumed when it exists unless --override")
+    p.add_argument("--annotations", required=True, help="COCO annotations JSON")
+    p.add_argument("--images", default=".", help="folder of the training images")
+    p.add_argument("--backbone", nargs="+", default=["ResNet50FPN"], metavar="NAME", help=BACKBONE_HELP)
+    p.add_argument("--classes", type=int, default=None,
+                   help="number of classes (default: the categories of --annotations; ODTK's 80 for COCO)")
+    p.add_argument("--batch", type=int, default=2, help="batch size per device")
+    p.add_argument("--resize", type=int, default=800, help="shorter side for validation")
+    p.add_argument("--max-size", type=int, default=1333, help="cap on the longer side")
+    p.add_argument("--jitter", type=int, nargs=2, default=[640, 1024], metavar=("MIN", "MAX"),
+                   help="random shorter side while training")
+    p.add_argument("--iters", type=int, default=90000, help="iterations")
+    p.add_argument("--milestones", type=int, nargs="*", default=[60000, 80000], help="lr decay iterations")
+    p.add_argument("--schedule", type=float, default=1, help="scales --iters and --milestones")
+    p.add_argument("--lr", type=float, default=0.01, help="learning rate")
+    p.add_argument("--warmup", type=int, default=1000, help="linear warmup iterations")
+    p.add_argument("--gamma", type=float, default=0.1, help="lr decay factor at each milestone")
+    p.add_argument("--regularization-l2", type=float, default=1e-4, help="weight decay")
+    p.add_argument("--full-precision", action="store_true", help="no fp16 mixed precision on GPU")
+    p.add_argument("--override", action="store_true", help="restart training even if MODEL exists")
+    p.add_argument("--fine-tune", metavar="PATH", help="start from this checkpoint's weights")
+    p.add_argument("--val-annotations", help="COCO annotations for validation")
+    p.add_argument("--val-images", help="folder of the validation images (default: --images)")
+    p.add_argument("--val-iters", type=int, default=8000, help="validate and checkpoint every N iterations")
+    p.add_argument("--logdir", help="TensorBoard log folder")
+    p.add_argument("--post-metrics", metavar="URL", help="POST metrics as JSON to this URL")
+    p.add_argument("--with-dali", action="store_true", help="load data with NVIDIA DALI")
+    p.add_argument("--augment-rotate", action="store_true", help="random quarter-turn rotations")
+    p.add_argument("--augment-brightness", type=float, default=0.002, help="brightness jitter")
+    p.add_argument("--augment-contrast", type=float, default=0.002, help="contrast jitter")
+    p.add_argument("--augment-saturation", type=float, default=0.002, help="saturation jitter")
+    p.add_argument("--augment-hue", type=float, default=0.0002, help="hue jitter")
+    p.add_argument("--anchor-ious", type=float, nargs=2, default=[0.4, 0.5], metavar=("BG", "FG"),
+                   help="IoU below BG is background, at or above FG foreground")
+    p.add_argument("--anchor-scales", type=float, nargs="+", metavar="S",
+                   help="anchor sides as multiples of the stride (default ODTK's 4, 5.04, 6.35); fit them to "
+                        "object sizes after --resize")
+    p.add_argument("--backbone-weights", metavar="PATH",
+                   help="torchvision ImageNet weights (file, or folder with torchvision's file name); default: "
+                        "torch's hub cache, else random weights")
+    p.add_argument("--clip-grad", type=float, default=0.0, metavar="NORM", help="clip gradient norm (0: off)")
+    p.add_argument("--loader-workers", type=int, default=2, help="data loader processes")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+
+    p = sub.add_parser("infer", help="run inference (and COCO evaluation)", formatter_class=fmt)
+    p.add_argument("model", help="model: .pth (.onnx and .plan: later)")
+    p.add_argument("--images", default=".", help="folder of images")
+    p.add_argument("--annotations", help="COCO annotations: infer on their images and evaluate")
+    p.add_argument("--output", default="detections.json", help="COCO detections JSON to write")
+    p.add_argument("--batch", type=int, default=2, help="batch size")
+    p.add_argument("--resize", type=int, default=800, help="shorter side")
+    p.add_argument("--max-size", type=int, default=1333, help="cap on the longer side")
+    p.add_argument("--with-dali", action="store_true", help="load data with NVIDIA DALI")
+    p.add_argument("--full-precision", action="store_true", help="no fp16 on GPU")
+    p.add_argument("--loader-workers", type=int, default=2, help="data loader processes")
+
+    p = sub.add_parser("export", help="export to ONNX or a TensorRT engine", formatter_class=fmt)
+    p.add_argument("model", help="model checkpoint (.pth)")
+    p.add_argument("export", help="output: .onnx or .plan")
+    p.add_argument("--size", type=int, nargs="+", default=[1280], help="input size: square or height width")
+    p.add_argument("--batch", type=int, default=2, help="max batch size")
+    p.add_argument("--full-precision", action="store_true", help="FP32 engine instead of FP16")
+    p.add_argument("--int8", action="store_true", help="INT8 with calibration")
+    p.add_argument("--calibration-batches", type=int, default=2, help="calibration batches")
+    p.add_argument("--calibration-images", default=".", help="folder of calibration images")
+    p.add_argument("--calibration-table", default="", help="calibration table to save/reuse")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset")
+    p.add_argument("--dynamic-batch-opts", type=int, nargs=3, default=None, metavar=("MIN", "OPT", "MAX"),
+                   help="TensorRT dynamic batch profile")
+
+    p = sub.add_parser("convert", help="Pascal VOC XML or YOLO labels -> COCO JSON", formatter_class=fmt)
+    p.add_argument("source", help="VOC root (with Annotations/) or folder of XML, or YOLO labels folder")
+    p.add_argument("output", help="COCO JSON to write")
+    p.add_argument("--format", choices=["voc", "yolo"], default="voc", help="input format")
+    p.add_argument("--images", help="images folder (YOLO: required; VOC: default JPEGImages beside)")
+    p.add_argument("--split", help="VOC ImageSets/Main/<split>.txt to restrict to (e.g. trainval, test)")
+    p.add_argument("--image-set", help="file listing the image ids to keep")
+    p.add_argument("--class-names", nargs="+", metavar="NAME",
+                   help="class names in id order (YOLO: names of indices 0..N-1; VOC: keep only these)")
+
+    p = sub.add_parser("synthetic", help="write a small synthetic COCO dataset (shapes on noise)",
+                       formatter_class=fmt)
+    p.add_argument("output", help="folder to write images/ and train.json, val.json into")
+    p.add_argument("--train", type=int, default=200, help="training images")
+    p.add_argument("--val", type=int, default=50, help="validation images")
+    p.add_argument("--size", type=int, default=256, help="image side")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    return parser.parse_args(args)
+
+
+def _not_yet(flag: str, what: str) -> OdtkError:
+    return OdtkError(f"{flag}: {what} is not implemented in this version of odtk")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "train":
+        if args.with_dali:
+            raise _not_yet("--with-dali", "the DALI loader")
+        if args.batch < 1 or args.iters < 1:
+            raise OdtkError("--batch and --iters must be positive")
+        from .data import Augment
+        from .train import TrainConfig, train
+        cfg = TrainConfig(
+            model=args.model, annotations=args.annotations, images=args.images, backbone=args.backbone,
+            classes=args.classes, batch=args.batch, resize=args.resize, max_size=args.max_size,
+            jitter=tuple(args.jitter), iters=args.iters, milestones=tuple(args.milestones), schedule=args.schedule,
+            lr=args.lr, warmup=args.warmup, gamma=args.gamma, regularization_l2=args.regularization_l2,
+            full_precision=args.full_precision, override=args.override, fine_tune=args.fine_tune,
+            val_annotations=args.val_annotations, val_images=args.val_images, val_iters=args.val_iters,
+            logdir=args.logdir, post_metrics=args.post_metrics,
+            augment=Augment(flip=True, rotate=args.augment_rotate, brightness=args.augment_brightness,
+                            contrast=args.augment_contrast, saturation=args.augment_saturation,
+                            hue=args.augment_hue),
+            anchor_ious=tuple(args.anchor_ious), anchor_scales=args.anchor_scales,
+            backbone_weights=args.backbone_weights, clip_grad=args.clip_grad, loader_workers=args.loader_workers,
+            seed=args.seed, verbose=args.verbose)
+        train(cfg)
+    elif args.command == "infer":
+        if args.with_dali:
+            raise _not_yet("--with-dali", "the DALI loader")
+        from .infer import InferConfig, infer
+        infer(InferConfig(model=args.model, images=args.images, annotations=args.annotations, output=args.output,
+                          batch=args.batch, resize=args.resize, max_size=args.max_size,
+                          full_precision=args.full_precision, loader_workers=args.loader_workers,
+                          verbose=args.verbose))
+    elif args.command == "export":
+        if not os.path.isfile(args.model):
+            raise OdtkError(f"{args.model}: model file not found")
+        raise _not_yet(f"export {args.export}", "export to ONNX/TensorRT")
+    elif args.command == "convert":
+        from .convert import convert_voc, convert_yolo, write_coco
+        if args.format == "voc":
+            coco, skipped = convert_voc(args.source, images=args.images, split=args.split,
+                                        image_set=args.image_set, classes=args.class_names)
+        else:
+            coco, skipped = convert_yolo(args.source, images=args.images, classes=args.class_names)
+        write_coco(coco, skipped, args.output)
+    elif args.command == "synthetic":
+        from .synthetic import write_dataset
+        write_dataset(args.output, train=args.train, val=args.val, size=args.size, seed=args.seed)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse(argv)
+    setup_logging(args.verbose)
+    try:
+        run(args)
+    except OdtkError as e:
+        log.error(f"odtk {args.command}: error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

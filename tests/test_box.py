@@ -1,0 +1,125 @@
+"""Box ops and anchors against torchvision, and target assignment on hand-made cases."""
+import math
+
+import pytest
+import torch
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import batched_nms, box_iou
+
+from odtk import box as B
+
+
+def test_anchors_match_torchvision():
+    ratios, scales = [1.0, 2.0, 0.5], [4 * 2 ** (i / 3) for i in range(3)]
+    stride = 16
+    ours = B.grid_anchors(B.generate_anchors(stride, ratios, scales), stride, 3, 5)
+    # torchvision: sizes in pixels, aspect = h / w, centred on the cell's corner; order (y, x, ratio, size)
+    gen = AnchorGenerator(sizes=(tuple(stride * s for s in scales),), aspect_ratios=(tuple(ratios),))
+    base = gen.generate_anchors(gen.sizes[0], gen.aspect_ratios[0])          # [ratio-major, 4], rounded
+    shifts = torch.stack(torch.meshgrid(torch.arange(3) * stride, torch.arange(5) * stride, indexing="ij"), -1)
+    shifts = shifts.reshape(-1, 2).flip(1).repeat(1, 2).float()
+    # reorder torchvision's ratio-major base to our scale-major order
+    base = base.view(len(ratios), len(scales), 4).transpose(0, 1).reshape(-1, 4)
+    tv = (shifts[:, None] + base[None]).reshape(-1, 4) + stride / 2
+    assert ours.shape == (3 * 5 * 9, 4)
+    assert torch.allclose(ours, tv, atol=0.5)          # torchvision rounds its base anchors
+    w, h = ours[:, 2] - ours[:, 0], ours[:, 3] - ours[:, 1]
+    assert torch.allclose((h / w)[:3], torch.tensor(ratios), rtol=1e-5)
+    assert torch.allclose((w * h).sqrt()[::3][:3], torch.tensor(scales) * stride, rtol=1e-5)
+
+
+def test_batched_iou_matches_torchvision():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(50, 2, generator=g) * 100
+    anchors = torch.cat([xy, xy + torch.rand(50, 2, generator=g) * 50 + 1], 1)
+    xy = torch.rand(3, 7, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + torch.rand(3, 7, 2, generator=g) * 50 + 1], 2)
+    iou = B.batched_box_iou(anchors, boxes)
+    for i in range(3):
+        assert torch.allclose(iou[i], box_iou(anchors, boxes[i]), atol=1e-6)
+
+
+def test_deltas_match_torchvision_and_roundtrip():
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(20, 2, generator=g) * 100
+    anchors = torch.cat([xy, xy + torch.rand(20, 2, generator=g) * 40 + 4], 1)
+    xy = torch.rand(20, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + torch.rand(20, 2, generator=g) * 40 + 4], 1)
+    deltas = B.box2delta(boxes, anchors)
+    coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+    assert torch.allclose(deltas, coder.encode_single(boxes, anchors), atol=1e-5)
+    assert torch.allclose(B.delta2box(deltas, anchors), boxes, atol=1e-4)
+    assert torch.allclose(B.delta2box(deltas, anchors), coder.decode_single(deltas, anchors), atol=1e-4)
+
+
+def test_delta2box_clips_to_image():
+    anchors = torch.tensor([[90.0, 90.0, 110.0, 110.0]])
+    boxes = B.delta2box(torch.tensor([[0.0, 0.0, 3.0, 3.0]]), anchors, size=(100, 120))
+    assert boxes.min() >= 0 and boxes[0, 2] <= 120 and boxes[0, 3] <= 100
+
+
+def test_assign_targets_by_hand():
+    anchors = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 8], [0, 0, 10, 4.5], [50, 50, 60, 60],
+                            [100, 100, 110, 110]], dtype=torch.float32)
+    # IoU of box 0 with anchors: 1.0, 0.8, 0.45, 0, 0 ; box 1 overlaps anchor 3 by 0.14 only
+    boxes = torch.tensor([[[0, 0, 10, 10], [55, 55, 65, 65], [0, 0, 0, 0]]], dtype=torch.float32)
+    labels = torch.tensor([[2, 1, -1]])
+    cls, reg = B.assign_targets(anchors, boxes, labels, low_quality=False)
+    assert cls.tolist() == [[2, 2, -2, -1, -1]]            # fg, fg, ignored (0.4<=iou<0.5), bg, bg
+    assert torch.allclose(reg[0, 0], torch.zeros(4))
+    cls, _ = B.assign_targets(anchors, boxes, labels, low_quality=True)
+    assert cls.tolist() == [[2, 2, -2, 1, -1]]             # box 1 claims its best anchor despite IoU 0.14
+
+
+def test_assign_targets_batch_equals_per_image():
+    g = torch.Generator().manual_seed(2)
+    anchors = B.grid_anchors(B.generate_anchors(8, [1, 2, 0.5], [2, 3]), 8, 6, 6)
+    xy = torch.rand(4, 5, 2, generator=g) * 40
+    boxes = torch.cat([xy, xy + torch.rand(4, 5, 2, generator=g) * 20 + 4], 2)
+    labels = torch.randint(0, 3, (4, 5), generator=g)
+    labels[1, 3:] = -1
+    cls, reg = B.assign_targets(anchors, boxes, labels)
+    for i in range(4):
+        n = int((labels[i] >= 0).sum())
+        c, r = B.assign_targets(anchors, boxes[i:i + 1, :n], labels[i:i + 1, :n])
+        assert torch.equal(c[0], cls[i])
+        fg = c[0] >= 0
+        assert torch.allclose(r[0][fg], reg[i][fg])
+
+
+def test_assign_targets_no_boxes_is_background():
+    anchors = torch.tensor([[0, 0, 10, 10.0]])
+    cls, _ = B.assign_targets(anchors, torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.long))
+    assert cls.tolist() == [[-1], [-1]]
+
+
+def test_decode_and_nms_by_hand():
+    # one level 2x2, 1 anchor, 2 classes: one confident cell of class 1, the rest below threshold
+    anchors = [torch.tensor([[0, 0, 8, 8], [8, 0, 16, 8], [0, 8, 8, 16], [8, 8, 16, 16.0]])]
+    cls = torch.full((1, 2, 2, 2), -10.0)
+    cls[0, 1, 1, 0] = 3.0                                  # y=1, x=0 -> anchor 2
+    box = torch.zeros(1, 4, 2, 2)
+    b, s, boxes, c = B.decode([cls], [box], anchors, threshold=0.05, top_n=10)
+    assert b.tolist() == [0] and c.tolist() == [1]
+    assert math.isclose(s.item(), 1 / (1 + math.exp(-3)), rel_tol=1e-6)
+    assert boxes.tolist() == [[0, 8, 8, 16]]
+
+
+def test_nms_matches_torchvision():
+    g = torch.Generator().manual_seed(3)
+    n = 300
+    xy = torch.rand(n, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 60 + 2], 1)
+    scores = torch.rand(n, generator=g)
+    classes = torch.randint(0, 4, (n,), generator=g)
+    batch = torch.randint(0, 2, (n,), generator=g)
+    s, bx, c = B.nms(batch, scores, boxes, classes, 2, iou_threshold=0.5, detections=50)
+    for i in range(2):
+        m = batch == i
+        keep = batched_nms(boxes[m], scores[m], classes[m], 0.5)[:50]
+        k = keep.numel()
+        assert torch.allclose(s[i, :k], scores[m][keep])
+        assert torch.allclose(bx[i, :k], boxes[m][keep])
+        assert torch.equal(c[i, :k], classes[m][keep])
+        assert (s[i, k:] == 0).all()

@@ -1,0 +1,66 @@
+"""CLI error paths: one clear line naming the file and the problem, exit code 2, no traceback."""
+import subprocess
+import sys
+
+import pytest
+
+from odtk.main import main, parse
+
+
+def test_defaults_follow_odtk():
+    a = parse(["train", "m.pth", "--annotations", "a.json"])
+    assert a.backbone == ["ResNet50FPN"] and a.batch == 2 and a.resize == 800 and a.max_size == 1333
+    assert a.jitter == [640, 1024] and a.iters == 90000 and a.milestones == [60000, 80000]
+    assert a.lr == 0.01 and a.warmup == 1000 and a.gamma == 0.1 and a.regularization_l2 == 1e-4
+    assert a.val_iters == 8000 and a.anchor_ious == [0.4, 0.5] and a.augment_hue == 0.0002
+    assert a.augment_brightness == a.augment_contrast == a.augment_saturation == 0.002
+    assert a.master == "127.0.0.1:29500"
+    e = parse(["export", "m.pth", "m.onnx"])
+    assert e.size == [1280] and e.batch == 2 and e.calibration_batches == 2
+
+
+def test_bad_master_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        parse(["--master", "nohost", "train", "m.pth", "--annotations", "a.json"])
+    assert "address:port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "m.pth", "--annotations", "missing.json"], "missing.json: annotations file not found"),
+    (["infer", "missing.pth", "--images", "."], "missing.pth: model file not found"),
+    (["infer", "model.onnx"], ".onnx inference is not implemented yet"),
+    (["infer", "model.plan"], ".plan inference is not implemented yet"),
+    (["train", "m.pth", "--annotations", "a.json", "--with-dali"], "--with-dali: the DALI loader is not implemented"),
+    (["convert", "nowhere", "out.json"], "nowhere: no such folder"),
+])
+def test_error_paths(argv, message, caplog, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_export_says_not_yet(tmp_path, caplog):
+    from odtk.model import Model, ModelConfig
+    path = str(tmp_path / "m.pth")
+    Model(config=ModelConfig(backbones=["ResNet18FPN"], num_classes=1)).save(path)
+    assert main(["export", path, str(tmp_path / "m.onnx")]) == 2
+    assert "not implemented" in caplog.text
+
+
+def test_bad_backbone_weights_file(synthetic, tmp_path, caplog):
+    images, train, _ = synthetic
+    (tmp_path / "w.pth").write_bytes(b"garbage")
+    argv = ["train", str(tmp_path / "m.pth"), "--annotations", train, "--images", images, "--backbone",
+            "ResNet18FPN", "--backbone-weights", str(tmp_path / "w.pth"), "--iters", "1"]
+    assert main(argv) == 2
+    assert "w.pth: cannot read backbone weights" in caplog.text
+    assert not (tmp_path / "m.pth").exists()
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "odtk", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout and "export" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "odtk", "infer", "nothere.pth"], capture_output=True, text=True)
+    assert out.returncode == 2 and "nothere.pth: model file not found" in out.stderr
+    assert "Traceback" not in out.stderr

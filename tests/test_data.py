@@ -1,0 +1,137 @@
+"""The COCO loader: resizing, flips, category mapping, awkward real files, and BCCD."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from odtk.data import Augment, CocoDataset, collate, make_loader, resize_ratio
+from odtk.utils import OdtkError
+
+
+def test_resize_ratio_caps_longer_side():
+    assert resize_ratio(640, 480, 256, 1333) == pytest.approx(256 / 480)
+    assert resize_ratio(2000, 500, 800, 1333) == pytest.approx(1333 / 2000)
+
+
+def test_category_ids_are_mapped(synthetic):
+    images, train, _ = synthetic
+    ds = CocoDataset(images, train, resize=64, max_size=64)
+    assert ds.category_ids == [10, 20, 30]
+    labels = torch.cat([ds.labels[i] for i in ds.ids])
+    assert labels.min() >= 0 and labels.max() <= 2
+
+
+def test_boxes_follow_resize_and_flip(synthetic):
+    images, train, _ = synthetic
+    plain = CocoDataset(images, train, resize=64, max_size=64)
+    x, boxes, labels, image_id, ratio = plain[0]
+    assert x.shape == (3, 64, 64) and ratio == pytest.approx(0.5)
+    assert torch.allclose(boxes, plain.boxes[image_id] * 0.5)
+    flipped = CocoDataset(images, train, resize=64, max_size=64, augment=Augment(flip=True))
+    import random
+    random.seed(0)
+    seen = set()
+    for _ in range(20):
+        xf, bf, _, _, _ = flipped[0]
+        if torch.equal(xf, x):
+            seen.add("same")
+            assert torch.allclose(bf, boxes)
+        else:
+            seen.add("flip")
+            assert torch.allclose(xf, x.flip(-1), atol=1e-6)
+            assert torch.allclose(bf[:, [0, 2]], 64 - boxes[:, [2, 0]])
+    assert seen == {"same", "flip"}
+
+
+def test_rotation_keeps_boxes_on_the_object(synthetic):
+    images, train, _ = synthetic
+    import random
+    random.seed(3)
+    ds = CocoDataset(images, train, resize=128, max_size=128, augment=Augment(flip=False, rotate=True))
+    base = CocoDataset(images, train, resize=128, max_size=128)
+    x0, b0, _, _, _ = base[1]
+    for _ in range(10):
+        x, b, _, _, _ = ds[1]
+        # the mean colour inside each box is unchanged by a rotation of image and boxes together
+        for (a, c) in zip(b0.round().long().tolist(), b.round().long().tolist()):
+            m0 = x0[:, a[1]:a[3], a[0]:a[2]].mean()
+            m1 = x[:, c[1]:c[3], c[0]:c[2]].mean()
+            assert abs(m0 - m1) < 0.05
+
+
+def test_collate_pads_to_stride_and_boxes_with_minus_one():
+    a = (torch.ones(3, 50, 70), torch.tensor([[1.0, 2, 3, 4]]), torch.tensor([2]), 1, 1.0)
+    b = (torch.ones(3, 64, 40), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 2, 0.5)
+    images, boxes, labels, ids, ratios = collate([a, None, b], size_divisible=32)
+    assert images.shape == (2, 3, 64, 96)
+    assert images[0, :, 50:].abs().sum() == 0
+    assert labels.tolist() == [[2], [-1]] and ids.tolist() == [1, 2]
+
+
+def _coco(path, images, anns, cats=({"id": 5, "name": "thing"},)):
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": list(cats)}))
+    return str(path)
+
+
+def test_awkward_images_and_boxes(tmp_path, caplog):
+    Image.new("L", (40, 30), 128).save(tmp_path / "gray.png")
+    Image.new("RGBA", (40, 30)).save(tmp_path / "rgba.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6                                   # rotated 90 degrees: displayed 30 x 40
+    Image.new("RGB", (40, 30)).save(tmp_path / "exif.jpg", exif=exif)
+    images = [{"id": i, "file_name": f, "width": w, "height": h}
+              for i, (f, w, h) in enumerate([("gray.png", 40, 30), ("rgba.png", 40, 30), ("exif.jpg", 30, 40)], 1)]
+    anns = [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [5, 5, 10, 10], "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 5, "bbox": [7, 7, 0, 0], "iscrowd": 0},
+            {"id": 3, "image_id": 2, "category_id": 5, "bbox": [50, 50, 5, 5], "iscrowd": 0},
+            {"id": 4, "image_id": 2, "category_id": 5, "bbox": [35, 20, 20, 20], "iscrowd": 0}]
+    ds = CocoDataset(str(tmp_path), _coco(tmp_path / "a.json", images, anns), resize=30, max_size=100)
+    assert "dropped 1 zero-area box" in caplog.text and "dropped 1 outside the image box" in caplog.text
+    assert ds.boxes[2].tolist() == [[35, 20, 40, 30]]          # clipped to the image
+    shapes = [ds[i][0].shape for i in range(3)]
+    assert shapes == [(3, 30, 40), (3, 30, 40), (3, 40, 30)]  # gray/RGBA -> RGB, EXIF turned upright
+    assert ds[2][1].shape == (0, 4)                            # an image with no boxes
+
+
+def test_missing_image_fails_before_training(tmp_path):
+    images = [{"id": 1, "file_name": "nope.jpg", "width": 10, "height": 10}]
+    with pytest.raises(OdtkError, match="nope.jpg: image file not found"):
+        CocoDataset(str(tmp_path), _coco(tmp_path / "a.json", images, []))
+
+
+def test_bad_annotation_files(tmp_path):
+    with pytest.raises(OdtkError, match="annotations file not found"):
+        CocoDataset(str(tmp_path), str(tmp_path / "none.json"))
+    (tmp_path / "bad.json").write_text("{oops")
+    with pytest.raises(OdtkError, match="bad.json: not valid JSON"):
+        CocoDataset(str(tmp_path), str(tmp_path / "bad.json"))
+
+
+def test_corrupt_image_is_skipped(tmp_path, caplog):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    images = [{"id": 1, "file_name": "broken.jpg", "width": 10, "height": 10}]
+    ds = CocoDataset(str(tmp_path), _coco(tmp_path / "a.json", images, []))
+    assert ds[0] is None and "broken.jpg: cannot read image" in caplog.text
+
+
+def test_bccd_loader(bccd, tmp_path):
+    from odtk.convert import convert_voc, write_coco
+    coco, skipped = convert_voc(bccd, split="test")
+    write_coco(coco, skipped, str(tmp_path / "test.json"))
+    ds = CocoDataset(os.path.join(bccd, "JPEGImages"), str(tmp_path / "test.json"), jitter=(224, 288),
+                     max_size=352, augment=Augment(flip=True, brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02))
+    assert len(ds) == 72 and ds.category_ids == [1, 2, 3]
+    loader = make_loader(ds, batch_size=4, training=True, workers=2)
+    for n, (images, boxes, labels, ids, ratios) in enumerate(loader):
+        assert images.shape[0] == 4 and images.shape[2] % 32 == 0 and images.shape[3] % 32 == 0
+        assert images.shape[2] <= 288 and images.shape[3] <= 352
+        valid = labels >= 0
+        assert valid.any(dim=1).all()                          # every BCCD image has cells
+        b = boxes[valid]
+        assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+        assert b.min() >= 0 and (b[:, 2] <= 352).all() and (b[:, 3] <= 288).all()
+        assert labels[valid].max() <= 2
+        if n == 3:
+            break
