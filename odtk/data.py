@@ -66,9 +66,10 @@ class CocoDataset(Dataset):
     def __init__(self, images: str, annotations: Optional[str] = None, *, resize: int = 800,
                  max_size: int = 1333, jitter: Optional[Tuple[int, int]] = None, augment: Optional[Augment] = None,
                  category_ids: Optional[Sequence[int]] = None, mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 std: Sequence[float] = (0.229, 0.224, 0.225)):
+                 std: Sequence[float] = (0.229, 0.224, 0.225), fit: Optional[Tuple[int, int]] = None):
         self.root = images
         self.resize, self.max_size, self.jitter = resize, max_size, jitter
+        self.fit = fit      # (height, width) of a fixed-size model: scale the image to fit inside it
         self.augment = augment or Augment(flip=False)
         self.mean, self.std = list(mean), list(std)
         self.boxes: Dict[int, Tensor] = {}
@@ -146,9 +147,14 @@ class CocoDataset(Dataset):
             return None
         boxes = self.boxes.get(image_id, torch.zeros(0, 4)).clone()
         labels = self.labels.get(image_id, torch.zeros(0, dtype=torch.long))
-        resize = random.randint(*self.jitter) if self.jitter else self.resize
-        ratio = resize_ratio(im.width, im.height, resize, self.max_size)
+        if self.fit:
+            ratio = min(self.fit[0] / im.height, self.fit[1] / im.width)
+        else:
+            resize = random.randint(*self.jitter) if self.jitter else self.resize
+            ratio = resize_ratio(im.width, im.height, resize, self.max_size)
         size = (max(1, round(im.height * ratio)), max(1, round(im.width * ratio)))
+        if self.fit:
+            size = (min(size[0], self.fit[0]), min(size[1], self.fit[1]))
         # rounding makes x and y scales differ slightly from ratio: scale boxes by the real ones
         boxes *= torch.tensor([size[1] / im.width, size[0] / im.height] * 2)
         im = im.resize(size[::-1], Image.BILINEAR)
@@ -178,14 +184,14 @@ class CocoDataset(Dataset):
         return im, boxes
 
 
-def collate(samples: list, size_divisible: int = 32):
-    """Pad images to a common size divisible by the stride; pad boxes with label -1."""
+def collate(samples: list, size_divisible: int = 32, pad_to: Optional[Tuple[int, int]] = None):
+    """Pad images to a common size divisible by the stride (or to `pad_to`); pad boxes with label -1."""
     samples = [s for s in samples if s is not None]
     if not samples:
         return None
     h = max(s[0].shape[1] for s in samples)
     w = max(s[0].shape[2] for s in samples)
-    h, w = (int(math.ceil(v / size_divisible) * size_divisible) for v in (h, w))
+    h, w = pad_to or (int(math.ceil(v / size_divisible) * size_divisible) for v in (h, w))
     images = samples[0][0].new_zeros(len(samples), 3, h, w)
     m = max(1, max(s[1].shape[0] for s in samples))
     boxes = torch.zeros(len(samples), m, 4)
@@ -201,11 +207,11 @@ def collate(samples: list, size_divisible: int = 32):
 
 class _Collate:
     # a picklable callable: DataLoader workers may be spawned processes
-    def __init__(self, size_divisible: int):
-        self.size_divisible = size_divisible
+    def __init__(self, size_divisible: int, pad_to: Optional[Tuple[int, int]]):
+        self.size_divisible, self.pad_to = size_divisible, pad_to
 
     def __call__(self, samples):
-        return collate(samples, self.size_divisible)
+        return collate(samples, self.size_divisible, self.pad_to)
 
 
 def make_loader(dataset: CocoDataset, *, batch_size: int, training: bool, workers: int = 2,
@@ -215,5 +221,5 @@ def make_loader(dataset: CocoDataset, *, batch_size: int, training: bool, worker
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=training, seed=seed,
                                      drop_last=False)
     return DataLoader(dataset, batch_size=batch_size, shuffle=training and sampler is None, sampler=sampler,
-                      num_workers=workers, collate_fn=_Collate(size_divisible), drop_last=training,
+                      num_workers=workers, collate_fn=_Collate(size_divisible, dataset.fit), drop_last=training,
                       persistent_workers=training and workers > 0, pin_memory=torch.cuda.is_available())

@@ -10,12 +10,13 @@ from .utils import log
 
 def evaluate(annotations: str, detections: str, *, verbose: bool = True) -> Dict[str, float]:
     """COCOeval (bbox) of a detections JSON against a COCO file; returns AP, AP50, ... and per-class APs."""
+    import json
+
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(annotations)
-    import json
     with open(detections) as f:
         dets = json.load(f)
     if not dets:
@@ -29,13 +30,14 @@ def evaluate(annotations: str, detections: str, *, verbose: bool = True) -> Dict
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    if verbose:
-        print(out.getvalue().split("DONE", 2)[-1].split("\n", 1)[-1].rstrip())
+    if verbose:   # the summary lines, without pycocotools' progress chatter
+        print("\n".join(line for line in out.getvalue().splitlines() if line.startswith(" Average")))
     names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
     results = {n: float(v) for n, v in zip(names, ev.stats)}
     rows = per_class_ap(ev, gt)
     if verbose:
         print(format_table(rows))
+        print(f"AP {results['AP']:.4f}  AP50 {results['AP50']:.4f}  ({len(ev.params.imgIds)} images)")
     results["per_class"] = rows
     return results
 

@@ -1,17 +1,22 @@
-"""Inference over a folder or a COCO file: COCO detections JSON, and COCO AP when annotated."""
+"""Inference over a folder or a COCO file with a .pth (PyTorch) or .onnx (ONNX Runtime) model:
+COCO detections JSON, and COCO AP when annotated."""
 import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from .data import CocoDataset, make_loader
 from .evaluate import evaluate
 from .model import Model
 from .utils import OdtkError, atomic_write_text, cpu_threads, log
+
+Predict = Callable[[Tensor], Tuple[Tensor, Tensor, Tensor]]
 
 
 @dataclass
@@ -41,44 +46,27 @@ def to_coco(scores, boxes, classes, image_ids, ratios, category_ids: List[int]) 
     return rows
 
 
-def infer(cfg: InferConfig) -> Dict[str, float]:
-    ext = os.path.splitext(cfg.model)[1].lower()
-    if ext in (".onnx", ".plan"):
-        raise OdtkError(f"{cfg.model}: {ext} inference is not implemented yet (this build runs .pth models)")
-    model, _ = Model.load(cfg.model)
-    return run_model(model, cfg)
-
-
-def run_model(model: Model, cfg: InferConfig) -> Dict[str, float]:
-    """Run a loaded PyTorch model over cfg's images; write detections; evaluate when annotated."""
-    mc = model.config
-    category_ids = mc.category_ids or list(range(1, mc.num_classes + 1))
-    dataset = CocoDataset(cfg.images, cfg.annotations, resize=cfg.resize, max_size=cfg.max_size,
-                          category_ids=category_ids, mean=mc.mean, std=mc.std)
-    if mc.class_names and dataset.class_names:
-        for cat_id, name in zip(category_ids, mc.class_names):
+def _check_names(cfg: InferConfig, dataset: CocoDataset, category_ids, class_names) -> None:
+    if class_names and dataset.class_names:
+        for cat_id, name in zip(category_ids, class_names):
             if dataset.class_names.get(cat_id, name) != name:
                 raise OdtkError(f"{cfg.annotations}: category {cat_id} is '{dataset.class_names[cat_id]}' but the "
                                 f"model's is '{name}' (convert every split with the same --class-names)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(cpu_threads())
-    model = model.to(device).eval()
+
+
+def run(predict: Predict, dataset: CocoDataset, cfg: InferConfig, category_ids: List[int],
+        size_divisible: int = 32) -> Dict[str, float]:
+    """The shared loop: batches -> predict -> COCO rows -> JSON (atomically) -> evaluation."""
     loader = make_loader(dataset, batch_size=cfg.batch, training=False, workers=cfg.loader_workers,
-                         size_divisible=mc.size_divisible)
-    amp = device.type == "cuda" and not cfg.full_precision
+                         size_divisible=size_divisible)
     results, count, start = [], 0, time.time()
-    with torch.inference_mode(), tqdm(total=len(dataset), desc="infer", unit="img", dynamic_ncols=True) as bar:
+    with tqdm(total=len(dataset), desc="infer", unit="img", dynamic_ncols=True) as bar:
         for batch in loader:
             if batch is None:
                 continue
             images, _, _, ids, ratios = batch
-            images = images.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                heads = model(images)
-            scores, boxes, classes = model.detect(([h.float() for h in heads[0]], [h.float() for h in heads[1]]),
-                                                  tuple(images.shape[-2:]))
-            results += to_coco(scores.cpu(), boxes.cpu(), classes.cpu(), ids, ratios, category_ids)
+            scores, boxes, classes = predict(images)
+            results += to_coco(scores, boxes, classes, ids, ratios, category_ids)
             count += len(ids)
             bar.update(len(ids))
     elapsed = time.time() - start
@@ -88,3 +76,77 @@ def run_model(model: Model, cfg: InferConfig) -> Dict[str, float]:
     if cfg.annotations:
         return evaluate(cfg.annotations, cfg.output)
     return {}
+
+
+def torch_predictor(model: Model, *, amp: bool) -> Predict:
+    device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def predict(images: Tensor):
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            heads = model(images)
+        heads = ([h.float() for h in heads[0]], [h.float() for h in heads[1]])
+        return tuple(t.cpu() for t in model.detect(heads, tuple(images.shape[-2:])))
+    return predict
+
+
+def run_model(model: Model, cfg: InferConfig) -> Dict[str, float]:
+    """Run a loaded PyTorch model over cfg's images; write detections; evaluate when annotated."""
+    mc = model.config
+    category_ids = mc.category_ids or list(range(1, mc.num_classes + 1))
+    dataset = CocoDataset(cfg.images, cfg.annotations, resize=cfg.resize, max_size=cfg.max_size,
+                          category_ids=category_ids, mean=mc.mean, std=mc.std)
+    _check_names(cfg, dataset, category_ids, mc.class_names)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads())
+    model = model.to(device).eval()
+    amp = device.type == "cuda" and not cfg.full_precision
+    return run(torch_predictor(model, amp=amp), dataset, cfg, category_ids, mc.size_divisible)
+
+
+def onnx_session(path: str):
+    """An ONNX Runtime session on CUDA when available, else on every CPU core."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise OdtkError(f"{path}: ONNX inference needs onnxruntime (pip install 'odtk[onnx]')") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cpu_threads()
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    try:
+        return ort.InferenceSession(path, options, providers=providers)
+    except Exception as e:
+        raise OdtkError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
+
+
+def run_onnx(cfg: InferConfig) -> Dict[str, float]:
+    from .export import read_metadata
+    meta = read_metadata(cfg.model)
+    if meta["flavour"] != "end2end":
+        raise OdtkError(f"{cfg.model}: a raw-heads ONNX (for TensorRT) has no decode/NMS; export the default "
+                        f"end-to-end graph for ONNX Runtime: odtk export model.pth model.onnx")
+    session = onnx_session(cfg.model)
+    category_ids = meta["category_ids"]
+    dataset = CocoDataset(cfg.images, cfg.annotations, fit=tuple(meta["size"]), category_ids=category_ids,
+                          mean=meta["mean"], std=meta["std"])
+    _check_names(cfg, dataset, category_ids, meta.get("class_names"))
+    log.info(f"ONNX Runtime {session.get_providers()[0]}, input {meta['size'][0]}x{meta['size'][1]}")
+
+    def predict(images: Tensor):
+        scores, boxes, classes = session.run(None, {"input_1": np.ascontiguousarray(images.numpy())})
+        return torch.from_numpy(scores), torch.from_numpy(boxes), torch.from_numpy(classes)
+    return run(predict, dataset, cfg, category_ids)
+
+
+def infer(cfg: InferConfig) -> Dict[str, float]:
+    ext = os.path.splitext(cfg.model)[1].lower()
+    if ext == ".onnx":
+        if not os.path.isfile(cfg.model):
+            raise OdtkError(f"{cfg.model}: model file not found")
+        return run_onnx(cfg)
+    if ext == ".plan":
+        raise OdtkError(f"{cfg.model}: .plan inference is not implemented yet (this build runs .pth and .onnx)")
+    model, _ = Model.load(cfg.model)
+    return run_model(model, cfg)

@@ -10,6 +10,9 @@ BACKBONE_HELP = ("ResNet18FPN, ResNet34FPN, ResNet50FPN, ResNet101FPN, ResNet152
                  "ResNeXt101_32x8dFPN, MobileNetV2FPN")
 
 
+MASTER = "127.0.0.1:29500"
+
+
 def _master(value: str) -> str:
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit():
@@ -20,7 +23,7 @@ def _master(value: str) -> str:
 def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="odtk", description="RetinaNet object detection toolkit",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--master", metavar="address:port", type=_master, default="127.0.0.1:29500",
+    parser.add_argument("--master", metavar="address:port", type=_master, default=MASTER,
                         help="address and port of the rank 0 process for distributed training")
     parser.add_argument("--verbose", action="store_true", help="more detail")
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
@@ -72,7 +75,7 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="random seed")
 
     p = sub.add_parser("infer", help="run inference (and COCO evaluation)", formatter_class=fmt)
-    p.add_argument("model", help="model: .pth (.onnx and .plan: later)")
+    p.add_argument("model", help="model: .pth (PyTorch) or .onnx (ONNX Runtime; .plan: later)")
     p.add_argument("--images", default=".", help="folder of images")
     p.add_argument("--annotations", help="COCO annotations: infer on their images and evaluate")
     p.add_argument("--output", default="detections.json", help="COCO detections JSON to write")
@@ -88,12 +91,17 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("export", help="output: .onnx or .plan")
     p.add_argument("--size", type=int, nargs="+", default=[1280], help="input size: square or height width")
     p.add_argument("--batch", type=int, default=2, help="max batch size")
-    p.add_argument("--full-precision", action="store_true", help="FP32 engine instead of FP16")
-    p.add_argument("--int8", action="store_true", help="INT8 with calibration")
+    p.add_argument("--full-precision", action="store_true",
+                   help="TensorRT: FP32 engine instead of FP16 (ONNX is always exported in FP32)")
+    p.add_argument("--int8", action="store_true",
+                   help="INT8: static post-training quantization to a Q/DQ ONNX calibrated on --calibration-images")
     p.add_argument("--calibration-batches", type=int, default=2, help="calibration batches")
     p.add_argument("--calibration-images", default=".", help="folder of calibration images")
     p.add_argument("--calibration-table", default="", help="calibration table to save/reuse")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument("--raw-heads", action="store_true",
+                   help="export only the network (input_1 -> score_1..N, box_1..N: ODTK's TensorRT contract) instead "
+                        "of the end-to-end graph with decode and NMS (scores, boxes, classes) that ONNX Runtime runs")
     p.add_argument("--dynamic-batch-opts", type=int, nargs=3, default=None, metavar=("MIN", "OPT", "MAX"),
                    help="TensorRT dynamic batch profile")
 
@@ -123,6 +131,8 @@ def _not_yet(flag: str, what: str) -> OdtkError:
 
 def run(args: argparse.Namespace) -> None:
     if args.command == "train":
+        if args.master != MASTER:
+            log.warning(f"--master {args.master}: multi-process training is not in this version; one process runs")
         if args.with_dali:
             raise _not_yet("--with-dali", "the DALI loader")
         if args.batch < 1 or args.iters < 1:
@@ -153,9 +163,14 @@ def run(args: argparse.Namespace) -> None:
                           full_precision=args.full_precision, loader_workers=args.loader_workers,
                           verbose=args.verbose))
     elif args.command == "export":
-        if not os.path.isfile(args.model):
-            raise OdtkError(f"{args.model}: model file not found")
-        raise _not_yet(f"export {args.export}", "export to ONNX/TensorRT")
+        from .export import ExportConfig, export
+        if args.opset < 17:
+            raise OdtkError(f"--opset {args.opset}: odtk exports need opset 17 or newer")
+        export(ExportConfig(model=args.model, output=args.export, size=tuple(args.size), batch=args.batch,
+                            raw_heads=args.raw_heads, opset=args.opset, full_precision=args.full_precision,
+                            int8=args.int8, calibration_images=args.calibration_images,
+                            calibration_batches=args.calibration_batches, calibration_table=args.calibration_table,
+                            verbose=args.verbose))
     elif args.command == "convert":
         from .convert import convert_voc, convert_yolo, write_coco
         if args.format == "voc":

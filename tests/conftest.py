@@ -31,3 +31,21 @@ def bccd():
     if not os.path.isdir(BCCD):
         pytest.skip(f"BCCD not found at {BCCD} (the shared data folder beside the checkout)")
     return BCCD
+
+
+@pytest.fixture(scope="session")
+def trained(synthetic, tmp_path_factory):
+    """A MobileNetV2FPN trained 60 iterations on the synthetic set: (model, images, train.json, folder, weights)."""
+    from odtk.main import main
+    images, train, _ = synthetic
+    out = tmp_path_factory.mktemp("e2e")
+    model = str(out / "model.pth")
+    weights = mobilenet_weights()
+    args = ["train", model, "--annotations", train, "--images", images, "--backbone", "MobileNetV2FPN",
+            "--batch", "4", "--resize", "128", "--max-size", "128", "--jitter", "112", "144", "--iters", "60",
+            "--milestones", "50", "--warmup", "10", "--lr", "0.01", "--clip-grad", "10",
+            "--anchor-scales", "2", "2.52", "3.17", "--val-iters", "1000", "--loader-workers", "0"]
+    if weights:
+        args += ["--backbone-weights", weights]
+    assert main(args) == 0
+    return model, images, train, out, weights

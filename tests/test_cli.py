@@ -28,7 +28,7 @@ def test_bad_master_is_rejected(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train", "m.pth", "--annotations", "missing.json"], "missing.json: annotations file not found"),
     (["infer", "missing.pth", "--images", "."], "missing.pth: model file not found"),
-    (["infer", "model.onnx"], ".onnx inference is not implemented yet"),
+    (["infer", "model.onnx"], "model.onnx: model file not found"),
     (["infer", "model.plan"], ".plan inference is not implemented yet"),
     (["train", "m.pth", "--annotations", "a.json", "--with-dali"], "--with-dali: the DALI loader is not implemented"),
     (["convert", "nowhere", "out.json"], "nowhere: no such folder"),
@@ -40,12 +40,11 @@ def test_error_paths(argv, message, caplog, tmp_path, monkeypatch):
     assert "Traceback" not in caplog.text
 
 
-def test_export_says_not_yet(tmp_path, caplog):
-    from odtk.model import Model, ModelConfig
-    path = str(tmp_path / "m.pth")
-    Model(config=ModelConfig(backbones=["ResNet18FPN"], num_classes=1)).save(path)
-    assert main(["export", path, str(tmp_path / "m.onnx")]) == 2
-    assert "not implemented" in caplog.text
+def test_export_missing_model(tmp_path, caplog):
+    assert main(["export", str(tmp_path / "m.pth"), str(tmp_path / "m.onnx")]) == 2
+    assert "m.pth: model file not found" in caplog.text
+    assert main(["export", str(tmp_path / "m.pth"), str(tmp_path / "m.onnx"), "--opset", "11"]) == 2
+    assert "opset 17 or newer" in caplog.text
 
 
 def test_bad_backbone_weights_file(synthetic, tmp_path, caplog):

@@ -8,23 +8,6 @@ import torch
 from odtk.main import main
 from odtk.model import Model
 
-from conftest import mobilenet_weights
-
-
-@pytest.fixture(scope="module")
-def trained(synthetic, tmp_path_factory):
-    images, train, _ = synthetic
-    out = tmp_path_factory.mktemp("e2e")
-    model = str(out / "model.pth")
-    weights = mobilenet_weights()
-    args = ["train", model, "--annotations", train, "--images", images, "--backbone", "MobileNetV2FPN",
-            "--batch", "4", "--resize", "128", "--max-size", "128", "--jitter", "112", "144", "--iters", "60",
-            "--milestones", "50", "--warmup", "10", "--lr", "0.01", "--clip-grad", "10",
-            "--anchor-scales", "2", "2.52", "3.17", "--val-iters", "1000", "--loader-workers", "0"]
-    if weights:
-        args += ["--backbone-weights", weights]
-    assert main(args) == 0
-    return model, images, train, out, weights
 
 
 def test_loss_falls_and_checkpoint_is_complete(trained):

@@ -1,0 +1,268 @@
+"""ONNX export: raw heads (ODTK's TensorRT contract) or end-to-end (decode + NMS in standard ONNX ops).
+
+Both graphs take a normalised, padded float image batch `input_1` [B, 3, H, W] of a fixed H, W and a
+dynamic batch. Preprocessing and classes travel in the model's metadata under the key "odtk".
+"""
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import __version__
+from . import box as box_ops
+from .model import Model
+from .utils import OdtkError, log
+
+DEFAULT_OPSET = 17
+
+
+@dataclass
+class ExportConfig:
+    model: str
+    output: str
+    size: Tuple[int, int] = (1280, 1280)
+    batch: int = 2
+    raw_heads: bool = False
+    opset: int = DEFAULT_OPSET
+    full_precision: bool = False
+    int8: bool = False
+    calibration_images: str = "."
+    calibration_batches: int = 2
+    calibration_table: str = ""
+    verbose: bool = False
+
+
+def export_size(size: Sequence[int], divisible: int) -> Tuple[int, int]:
+    """--size: one side (square) or height width, each a multiple of the model's stride."""
+    if len(size) not in (1, 2):
+        raise OdtkError(f"--size takes one value (square) or two (height width), got {len(size)}")
+    h, w = (size[0], size[0]) if len(size) == 1 else tuple(size)
+    if h % divisible or w % divisible or h <= 0 or w <= 0:
+        raise OdtkError(f"--size {h} {w}: each side must be a positive multiple of {divisible}")
+    return h, w
+
+
+class RawHeads(nn.Module):
+    """input_1 -> score_1..N (sigmoid class probabilities [B, A*C, H, W]) and box_1..N (deltas [B, A*4, H, W])."""
+
+    def __init__(self, model: Model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor):
+        cls_heads, box_heads = self.model(x)
+        return tuple(h.sigmoid() for h in cls_heads) + tuple(box_heads)
+
+
+class _NMS(torch.autograd.Function):
+    """Batched single-class NMS emitted as ONNX NonMaxSuppression; selected (batch, 0, index) rows."""
+
+    @staticmethod
+    def forward(ctx, boxes, scores, max_out: int, iou: float, threshold: float):
+        from torchvision.ops import nms
+        rows = []
+        for b in range(boxes.shape[0]):
+            keep = scores[b, 0] > threshold
+            idx = keep.nonzero().flatten()
+            sel = idx[nms(boxes[b, idx], scores[b, 0, idx], iou)][:max_out]
+            rows.append(torch.stack([torch.full_like(sel, b), torch.zeros_like(sel), sel], 1))
+        return torch.cat(rows)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, max_out: int, iou: float, threshold: float):
+        return g.op("NonMaxSuppression", boxes, scores,
+                    g.op("Constant", value_t=torch.tensor([max_out], dtype=torch.long)),
+                    g.op("Constant", value_t=torch.tensor([iou], dtype=torch.float)),
+                    g.op("Constant", value_t=torch.tensor([threshold], dtype=torch.float)))
+
+
+class EndToEnd(nn.Module):
+    """input_1 -> scores [B, D], boxes [B, D, 4], classes [B, D], as Model.predict at a fixed input size."""
+
+    def __init__(self, model: Model, size: Tuple[int, int]):
+        super().__init__()
+        self.model = model
+        self.size = size
+        with torch.no_grad():
+            heads = model(torch.zeros(1, 3, *size))
+        for i, a in enumerate(model.anchors(heads[0])):
+            self.register_buffer(f"anchors_{i}", a.clone(), persistent=False)
+        self.levels = len(heads[0])
+
+    def forward(self, x: Tensor):
+        cfg = self.model.config
+        c, a = cfg.num_classes, cfg.num_anchors
+        cls_heads, box_heads = self.model(x)
+        all_scores, all_boxes, all_classes = [], [], []
+        for i, (cls, box) in enumerate(zip(cls_heads, box_heads)):
+            h, w = cls.shape[-2:]
+            scores = cls.sigmoid().reshape(-1, a, c, h, w).permute(0, 3, 4, 1, 2).reshape(-1, h * w * a * c)
+            deltas = box.reshape(-1, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(-1, h * w * a, 4)
+            top, idx = scores.topk(min(cfg.top_n, h * w * a * c), dim=1)
+            anchor_idx = idx // c
+            deltas = deltas.gather(1, anchor_idx.unsqueeze(-1).expand(-1, -1, 4))
+            anchors = getattr(self, f"anchors_{i}")[anchor_idx]
+            all_scores.append(top)
+            all_boxes.append(box_ops.delta2box(deltas, anchors, self.size))
+            all_classes.append(idx % c)
+        scores, boxes, classes = torch.cat(all_scores, 1), torch.cat(all_boxes, 1), torch.cat(all_classes, 1)
+        # class-aware NMS in one call: shift each class to its own region so classes never overlap
+        offset = (classes.to(boxes.dtype) * float(max(self.size) + 1)).unsqueeze(-1)
+        selected = _NMS.apply(boxes + offset, scores.unsqueeze(1), cfg.detections, cfg.nms, cfg.threshold)
+        b_idx, i_idx = selected[:, 0], selected[:, 2]
+        kept = torch.zeros_like(scores).index_put((b_idx, i_idx), scores[b_idx, i_idx])
+        n = scores.shape[1]
+        if n < cfg.detections:   # tiny inputs: fewer candidates than outputs
+            kept = torch.cat([kept, kept.new_zeros(kept.shape[0], cfg.detections - n)], 1)
+            boxes = torch.cat([boxes, boxes.new_zeros(boxes.shape[0], cfg.detections - n, 4)], 1)
+            classes = torch.cat([classes, classes.new_zeros(classes.shape[0], cfg.detections - n)], 1)
+        out_scores, order = kept.topk(cfg.detections, dim=1)
+        valid = out_scores > 0
+        out_boxes = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4)) * valid.unsqueeze(-1)
+        out_classes = classes.gather(1, order) * valid
+        return out_scores, out_boxes, out_classes
+
+
+def metadata(model: Model, size: Tuple[int, int], flavour: str) -> dict:
+    mc = model.config
+    return {"odtk_version": __version__, "flavour": flavour, "size": list(size), "stride": max(model.strides),
+            "size_divisible": mc.size_divisible, "mean": mc.mean, "std": mc.std, "num_classes": mc.num_classes,
+            "category_ids": mc.category_ids or list(range(1, mc.num_classes + 1)), "class_names": mc.class_names,
+            "backbones": mc.backbones, "threshold": mc.threshold, "nms": mc.nms, "detections": mc.detections,
+            "ratios": mc.ratios, "scales": mc.scales, "levels": len(model.strides), "strides": model.strides}
+
+
+def export_onnx(model: Model, path: str, *, size: Tuple[int, int], raw_heads: bool = False, batch: int = 1,
+                opset: int = DEFAULT_OPSET) -> None:
+    """Write an ONNX graph with a dynamic batch axis and odtk metadata; onnx.checker must accept it."""
+    import onnx
+    model = model.eval().float()
+    levels = len(model.strides)
+    if raw_heads:
+        module = RawHeads(model)
+        outputs = [f"score_{i + 1}" for i in range(levels)] + [f"box_{i + 1}" for i in range(levels)]
+    else:
+        module = EndToEnd(model, size)
+        outputs = ["scores", "boxes", "classes"]
+    dummy = torch.zeros(max(1, batch), 3, *size)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            # the TorchScript exporter: it takes the custom NonMaxSuppression symbolic above
+            torch.onnx.export(module, (dummy,), tmp, input_names=["input_1"], output_names=outputs,
+                              dynamic_axes={n: {0: "batch"} for n in ["input_1"] + outputs},
+                              opset_version=opset, dynamo=False, do_constant_folding=True)
+        proto = onnx.load(tmp)
+        meta = proto.metadata_props.add()
+        meta.key, meta.value = "odtk", json.dumps(metadata(model, size, "raw" if raw_heads else "end2end"))
+        onnx.checker.check_model(proto)
+        onnx.save(proto, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_metadata(path: str) -> dict:
+    import onnx
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as e:
+        raise OdtkError(f"{path}: not a readable ONNX model ({e.__class__.__name__})") from None
+    for p in proto.metadata_props:
+        if p.key == "odtk":
+            return json.loads(p.value)
+    raise OdtkError(f"{path}: no odtk metadata (export it with `odtk export model.pth {os.path.basename(path)}`)")
+
+
+class _CalibrationReader:
+    """Feeds onnxruntime's calibrator batches of real images, resized and padded like inference."""
+
+    def __init__(self, dataset, *, batch: int, batches: int):
+        from .data import make_loader
+        self.loader = iter(make_loader(dataset, batch_size=batch, training=False, workers=0))
+        self.left = batches
+        self.bar = None
+
+    def get_next(self):
+        from tqdm import tqdm
+        if self.bar is None:
+            self.bar = tqdm(total=self.left, desc="calibrate", unit="batch", dynamic_ncols=True)
+        batch = next(self.loader, None) if self.left > 0 else None
+        if batch is None:
+            self.bar.close()
+            return None
+        self.left -= 1
+        self.bar.update(1)
+        return {"input_1": batch[0].numpy()}
+
+
+def calibration_dataset(folder: str, size: Tuple[int, int], wanted: int, meta: dict):
+    from .data import CocoDataset
+    if not os.path.isdir(folder):
+        raise OdtkError(f"{folder}: calibration images folder not found")
+    dataset = CocoDataset(folder, fit=size, mean=meta["mean"], std=meta["std"])
+    if len(dataset) < wanted:
+        log.warning(f"{folder}: {len(dataset)} images, fewer than the {wanted} asked for "
+                    f"(--calibration-batches x --batch); calibrating on those")
+    return dataset
+
+
+def quantize_int8(fp32: str, output: str, cfg: ExportConfig, size: Tuple[int, int], meta: dict) -> None:
+    """Static post-training INT8: symmetric per-channel weights, symmetric activations, Q/DQ around Conv only,
+    so decode/NMS stay float and TensorRT can take the same graph. Ranges cached in --calibration-table."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    table = cfg.calibration_table or None
+    reader = None
+    if not (table and os.path.isfile(table)):
+        wanted = cfg.calibration_batches * cfg.batch
+        dataset = calibration_dataset(cfg.calibration_images, size, wanted, meta)
+        reader = _CalibrationReader(dataset, batch=cfg.batch, batches=cfg.calibration_batches)
+    else:
+        log.info(f"reusing calibration table {table}")
+    quantize_static(fp32, output, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=table,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    if table:
+        log.info(f"calibration table: {table}")
+
+
+def export(cfg: ExportConfig) -> None:
+    ext = os.path.splitext(cfg.output)[1].lower()
+    if ext == ".plan":
+        raise OdtkError(f"{cfg.output}: TensorRT engines are not implemented yet (export .onnx)")
+    if ext != ".onnx":
+        raise OdtkError(f"{cfg.output}: unknown export target (use .onnx or .plan)")
+    if cfg.int8 and cfg.raw_heads:
+        raise OdtkError("--int8 applies to the end-to-end ONNX; TensorRT builds INT8 from it in a later version")
+    model, _ = Model.load(cfg.model)
+    size = export_size(cfg.size, model.config.size_divisible)
+    flavour = "raw heads" if cfg.raw_heads else "end-to-end"
+    log.info(f"exporting {cfg.model} -> {cfg.output} ({flavour}, {size[0]}x{size[1]}, opset {cfg.opset}"
+             f"{', INT8' if cfg.int8 else ''})")
+    if not cfg.int8:
+        export_onnx(model, cfg.output, size=size, raw_heads=cfg.raw_heads, batch=cfg.batch, opset=cfg.opset)
+        return
+    meta = metadata(model, size, "end2end")
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = os.path.join(tmp, "fp32.onnx")
+        export_onnx(model, fp32, size=size, batch=cfg.batch, opset=cfg.opset)
+        quantized = os.path.join(tmp, "int8.onnx")
+        quantize_int8(fp32, quantized, cfg, size, meta)
+        import onnx
+        proto = onnx.load(quantized)
+        onnx.checker.check_model(proto)
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
+        import shutil
+        shutil.move(quantized, cfg.output)
