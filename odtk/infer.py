@@ -114,6 +114,7 @@ def onnx_session(path: str):
         raise OdtkError(f"{path}: ONNX inference needs onnxruntime (pip install 'odtk[onnx]')") from None
     options = ort.SessionOptions()
     options.intra_op_num_threads = cpu_threads()
+    options.log_severity_level = 3       # errors only: ORT's graph clean-up notes are not the user's business
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     try:
         return ort.InferenceSession(path, options, providers=providers)
