@@ -9,8 +9,8 @@ setup(
     install_requires=["torch>=2.1", "torchvision>=0.16", "pycocotools", "pillow", "numpy", "tqdm", "requests",
                       "tensorboardX"],
     extras_require={
-        "test": ["pytest"],
-        "onnx": ["onnx", "onnxruntime"],
+        "test": ["pytest", "onnx", "onnxruntime", "onnxscript"],
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "dali": ["nvidia-dali-cuda130"],
     },
     entry_points={"console_scripts": ["odtk=odtk.main:main"]},
