@@ -231,17 +231,21 @@ QUANTIZED_OPS = ["Conv", "Relu", "Clip", "Add", "Resize", "MaxPool"]
 
 
 def prepare_for_int8(path: str, output: str, backbones: Sequence[str]) -> List[str]:
-    """Give every Conv its own weight and bias initializers (the class and box heads are shared by all levels,
-    and the quantizer only quantizes an initializer for its first user); return the nodes to keep float."""
+    """Give every Conv its own weight and bias initializers: the class and box heads are shared by all levels,
+    and the exporter dedups equal tensors behind Identity nodes, while the quantizer only quantizes a direct
+    initializer, and only for its first user. Returns the nodes to keep float."""
     import onnx
     proto = onnx.load(path)
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
+    identity = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
     seen = set()
     for node in graph.node:
         if node.op_type != "Conv":
             continue
         for k, name in enumerate(node.input[1:], 1):
+            if name in identity:
+                name = node.input[k] = identity[name]
             if name not in inits:
                 continue
             if name in seen:
