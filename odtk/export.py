@@ -164,6 +164,7 @@ def export_onnx(model: Model, path: str, *, size: Tuple[int, int], raw_heads: bo
                               dynamic_axes={n: {0: "batch"} for n in ["input_1"] + outputs},
                               opset_version=opset, dynamo=False, do_constant_folding=True)
         proto = onnx.load(tmp)
+        log.debug(f"{path}: {len(proto.graph.node)} nodes, outputs {outputs}")
         meta = proto.metadata_props.add()
         meta.key, meta.value = "odtk", json.dumps(metadata(model, size, "raw" if raw_heads else "end2end"))
         onnx.checker.check_model(proto)

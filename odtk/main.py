@@ -122,6 +122,8 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--val", type=int, default=50, help="validation images")
     p.add_argument("--size", type=int, default=256, help="image side")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    for sub_parser in sub.choices.values():   # --verbose also after the command (ODTK's `export ... --verbose`)
+        sub_parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="more detail")
     return parser.parse_args(args)
 
 

@@ -161,6 +161,10 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
     def save():
         model.save(cfg.model, iteration=iteration, optimizer=optimizer.state_dict(),
                    scheduler=scheduler.state_dict())
+        log.debug(f"saved {cfg.model} at iteration {iteration}")
+
+    log.debug(f"model config: {model.config}")
+    log.debug(f"train config: {cfg}")
 
     log.info(f"training {'+'.join(model.config.backbones)} on {len(dataset)} images, {device.type}, "
              f"batch {cfg.batch}, {iters} iterations")

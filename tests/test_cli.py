@@ -19,6 +19,12 @@ def test_defaults_follow_odtk():
     assert e.size == [1280] and e.batch == 2 and e.calibration_batches == 2
 
 
+def test_verbose_before_or_after_the_command():
+    assert parse(["--verbose", "infer", "m.pth"]).verbose
+    assert parse(["export", "m.pth", "m.onnx", "--verbose"]).verbose
+    assert not parse(["infer", "m.pth"]).verbose
+
+
 def test_bad_master_is_rejected(capsys):
     with pytest.raises(SystemExit):
         parse(["--master", "nohost", "train", "m.pth", "--annotations", "a.json"])
