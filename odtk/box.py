@@ -107,6 +107,13 @@ def assign_targets(anchors: Tensor, boxes: Tensor, labels: Tensor, *, fg_iou: fl
     return cls_target, box_target
 
 
+def anchor_major(head: Tensor, num_anchors: int) -> Tensor:
+    """A head output [B, A*K, H, W] (channel = anchor * K + k) -> [B, H*W*A, K], rows in anchor order (y, x, a)."""
+    _, ak, h, w = head.shape
+    k = ak // num_anchors
+    return head.reshape(-1, num_anchors, k, h, w).permute(0, 3, 4, 1, 2).reshape(-1, h * w * num_anchors, k)
+
+
 def decode(cls_heads: List[Tensor], box_heads: List[Tensor], anchors: List[Tensor], *,
            threshold: float = 0.05, top_n: int = 1000, image_size: Tuple[int, int] = None
            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -117,12 +124,11 @@ def decode(cls_heads: List[Tensor], box_heads: List[Tensor], anchors: List[Tenso
     """
     out_b, out_s, out_box, out_c = [], [], [], []
     for cls_head, box_head, level_anchors in zip(cls_heads, box_heads, anchors):
-        b, ac, h, w = cls_head.shape
+        b = cls_head.shape[0]
         num_anchors = box_head.shape[1] // 4
-        num_classes = ac // num_anchors
-        scores = cls_head.sigmoid().view(b, num_anchors, num_classes, h, w)
-        scores = scores.permute(0, 3, 4, 1, 2).reshape(b, -1)            # (y, x, a, c)
-        deltas = box_head.view(b, num_anchors, 4, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, 4)
+        num_classes = cls_head.shape[1] // num_anchors
+        scores = anchor_major(cls_head.sigmoid(), num_anchors).reshape(b, -1)      # (y, x, a, c)
+        deltas = anchor_major(box_head, num_anchors)
         k = min(top_n, scores.shape[1])
         top_scores, top_idx = scores.topk(k, dim=1)
         keep = top_scores > threshold

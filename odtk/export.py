@@ -103,8 +103,8 @@ class EndToEnd(nn.Module):
         all_scores, all_boxes, all_classes = [], [], []
         for i, (cls, box) in enumerate(zip(cls_heads, box_heads)):
             h, w = cls.shape[-2:]
-            scores = cls.sigmoid().reshape(-1, a, c, h, w).permute(0, 3, 4, 1, 2).reshape(-1, h * w * a * c)
-            deltas = box.reshape(-1, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(-1, h * w * a, 4)
+            scores = box_ops.anchor_major(cls.sigmoid(), a).reshape(-1, h * w * a * c)
+            deltas = box_ops.anchor_major(box, a)
             top, idx = scores.topk(min(cfg.top_n, h * w * a * c), dim=1)
             anchor_idx = idx // c
             deltas = deltas.gather(1, anchor_idx.unsqueeze(-1).expand(-1, -1, 4))

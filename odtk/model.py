@@ -84,12 +84,9 @@ class Model(nn.Module):
     # -- training ------------------------------------------------------------------------------
     def flatten(self, cls_heads: List[Tensor], box_heads: List[Tensor]) -> Tuple[Tensor, Tensor]:
         """Heads -> [B, total anchors, C] and [B, total anchors, 4] in anchor order (y, x, a)."""
-        c, a = self.config.num_classes, self.config.num_anchors
-        cls = [h.view(h.shape[0], a, c, *h.shape[-2:]).permute(0, 3, 4, 1, 2).reshape(h.shape[0], -1, c)
-               for h in cls_heads]
-        box = [h.view(h.shape[0], a, 4, *h.shape[-2:]).permute(0, 3, 4, 1, 2).reshape(h.shape[0], -1, 4)
-               for h in box_heads]
-        return torch.cat(cls, 1), torch.cat(box, 1)
+        a = self.config.num_anchors
+        return (torch.cat([box_ops.anchor_major(h, a) for h in cls_heads], 1),
+                torch.cat([box_ops.anchor_major(h, a) for h in box_heads], 1))
 
     def loss(self, heads: Heads, boxes: Tensor, labels: Tensor, *, low_quality: bool = True) -> Dict[str, Tensor]:
         """Focal + smooth-L1 losses for padded targets boxes [B, M, 4], labels [B, M] (-1 = padding)."""
