@@ -5,7 +5,6 @@ dynamic batch. Preprocessing and classes travel in the model's metadata under th
 """
 import json
 import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -94,7 +93,6 @@ class EndToEnd(nn.Module):
             heads = model(torch.zeros(1, 3, *size))
         for i, a in enumerate(model.anchors(heads[0])):
             self.register_buffer(f"anchors_{i}", a.clone(), persistent=False)
-        self.levels = len(heads[0])
 
     def forward(self, x: Tensor):
         cfg = self.model.config
@@ -152,9 +150,7 @@ def export_onnx(model: Model, path: str, *, size: Tuple[int, int], raw_heads: bo
         module = EndToEnd(model, size)
         outputs = ["scores", "boxes", "classes"]
     dummy = torch.zeros(max(1, batch), 3, *size)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix="odtk-", suffix=".onnx")
     os.close(fd)
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -164,10 +160,26 @@ def export_onnx(model: Model, path: str, *, size: Tuple[int, int], raw_heads: bo
                               dynamic_axes={n: {0: "batch"} for n in ["input_1"] + outputs},
                               opset_version=opset, dynamo=False, do_constant_folding=True)
         proto = onnx.load(tmp)
-        log.debug(f"{path}: {len(proto.graph.node)} nodes, outputs {outputs}")
-        meta = proto.metadata_props.add()
-        meta.key, meta.value = "odtk", json.dumps(metadata(model, size, "raw" if raw_heads else "end2end"))
-        onnx.checker.check_model(proto)
+    finally:
+        os.unlink(tmp)
+    log.debug(f"{path}: {len(proto.graph.node)} nodes, outputs {outputs}")
+    save_checked(proto, path, metadata(model, size, "raw" if raw_heads else "end2end"))
+
+
+def save_checked(proto, path: str, meta: dict) -> None:
+    """Set the odtk metadata, run onnx.checker, write to a temp file beside `path`, then rename."""
+    import onnx
+    for p in list(proto.metadata_props):
+        if p.key == "odtk":
+            proto.metadata_props.remove(p)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "odtk", json.dumps(meta)
+    onnx.checker.check_model(proto)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
+    os.close(fd)
+    try:
         onnx.save(proto, tmp)
         os.replace(tmp, path)
     finally:
@@ -315,13 +327,6 @@ def export(cfg: ExportConfig) -> None:
         meta = metadata(model, size, flavour)
         quantize_int8(fp32, quantized, cfg, size, meta)
         bar.update(1)
-        proto = onnx.load(quantized)
         meta["int8"] = "s8s8 symmetric" if cfg.raw_heads else "u8s8 reduce-range"
-        for p in proto.metadata_props:
-            if p.key == "odtk":
-                p.value = json.dumps(meta)
-        onnx.checker.check_model(proto)
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-        onnx.save(proto, quantized)
-        shutil.move(quantized, cfg.output)
+        save_checked(onnx.load(quantized), cfg.output, meta)
         bar.update(1)
