@@ -3,6 +3,7 @@ import json
 import math
 import os
 import random
+import signal
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -10,7 +11,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .convert import IMAGE_EXTENSIONS
 from .utils import OdtkError, log
@@ -137,7 +138,10 @@ class CocoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
+        """`index`, or (index, seed) from TrainSampler: the sample's augmentation then depends only on the seed,
+        not on the process or worker that loads it (DDP parity, exact resume)."""
+        index, rng = (index[0], random.Random(index[1])) if isinstance(index, tuple) else (index, random)
         image_id = self.ids[index]
         path = os.path.join(self.root, self.files[image_id])
         try:
@@ -150,7 +154,7 @@ class CocoDataset(Dataset):
         if self.fit:
             ratio = min(self.fit[0] / im.height, self.fit[1] / im.width)
         else:
-            resize = random.randint(*self.jitter) if self.jitter else self.resize
+            resize = rng.randint(*self.jitter) if self.jitter else self.resize
             ratio = resize_ratio(im.width, im.height, resize, self.max_size)
         size = (max(1, round(im.height * ratio)), max(1, round(im.width * ratio)))
         if self.fit:
@@ -158,29 +162,29 @@ class CocoDataset(Dataset):
         # rounding makes x and y scales differ slightly from ratio: scale boxes by the real ones
         boxes *= torch.tensor([size[1] / im.width, size[0] / im.height] * 2)
         im = im.resize(size[::-1], Image.BILINEAR)
-        im, boxes = self._augment(im, boxes)
+        im, boxes = self._augment(im, boxes, rng)
         x = TF.normalize(TF.to_tensor(im), self.mean, self.std)
         return x, boxes, labels, image_id, ratio
 
-    def _augment(self, im: Image.Image, boxes: Tensor) -> Tuple[Image.Image, Tensor]:
+    def _augment(self, im: Image.Image, boxes: Tensor, rng) -> Tuple[Image.Image, Tensor]:
         aug = self.augment
-        if aug.rotate and random.random() < 0.5:
-            k = random.choice((1, 2, 3))                  # quarter turns counter-clockwise
+        if aug.rotate and rng.random() < 0.5:
+            k = rng.choice((1, 2, 3))                  # quarter turns counter-clockwise
             for _ in range(k):
                 w = im.width
                 im = im.transpose(Image.ROTATE_90)
                 boxes = torch.stack([boxes[:, 1], w - boxes[:, 2], boxes[:, 3], w - boxes[:, 0]], dim=1)
-        if aug.flip and random.random() < 0.5:
+        if aug.flip and rng.random() < 0.5:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
             boxes = torch.stack([im.width - boxes[:, 2], boxes[:, 1], im.width - boxes[:, 0], boxes[:, 3]], dim=1)
         if aug.brightness:
-            im = TF.adjust_brightness(im, random.uniform(1 - aug.brightness, 1 + aug.brightness))
+            im = TF.adjust_brightness(im, rng.uniform(1 - aug.brightness, 1 + aug.brightness))
         if aug.contrast:
-            im = TF.adjust_contrast(im, random.uniform(1 - aug.contrast, 1 + aug.contrast))
+            im = TF.adjust_contrast(im, rng.uniform(1 - aug.contrast, 1 + aug.contrast))
         if aug.saturation:
-            im = TF.adjust_saturation(im, random.uniform(1 - aug.saturation, 1 + aug.saturation))
+            im = TF.adjust_saturation(im, rng.uniform(1 - aug.saturation, 1 + aug.saturation))
         if aug.hue:
-            im = TF.adjust_hue(im, random.uniform(-aug.hue, aug.hue))
+            im = TF.adjust_hue(im, rng.uniform(-aug.hue, aug.hue))
         return im, boxes
 
 
@@ -214,12 +218,63 @@ class _Collate:
         return collate(samples, self.size_divisible, self.pad_to)
 
 
+class TrainSampler(Sampler):
+    """Epoch-seeded shuffle split into global batches; each rank takes its slice of every global batch.
+
+    Yields (index, sample seed). One process with batch B and N processes with B/N each see the same images in
+    the same steps, and `start(epoch, batch)` resumes mid-epoch without loading the skipped images.
+    """
+
+    def __init__(self, size: int, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.size, self.batch_size, self.rank, self.world_size, self.seed = size, batch_size, rank, world_size, seed
+        self.global_batch = batch_size * world_size
+        self.batches = size // self.global_batch     # full global batches per epoch (the rest wait a reshuffle)
+        self.epoch, self.first = 0, 0
+
+    def start(self, epoch: int, batch: int = 0) -> None:
+        self.epoch, self.first = epoch, batch
+
+    def __len__(self) -> int:
+        return (self.batches - self.first) * self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        for b in range(self.first, self.batches):
+            start = b * self.global_batch + self.rank * self.batch_size
+            for index in order[start:start + self.batch_size]:
+                yield index, (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+
+
+class ShardSampler(Sampler):
+    """Every `world_size`-th image from `rank`: each image exactly once over all ranks (evaluation)."""
+
+    def __init__(self, size: int, *, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, size, world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+def _ignore_sigint(_worker: int) -> None:
+    # Ctrl-C reaches the whole process group: loader processes must not die while training finishes its step and
+    # saves. (SIGTERM keeps its default: multiprocessing stops these processes with it at exit.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: CocoDataset, *, batch_size: int, training: bool, workers: int = 2,
                 size_divisible: int = 32, rank: int = 0, world_size: int = 1, seed: int = 0) -> DataLoader:
-    sampler = None
-    if world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=training, seed=seed,
-                                     drop_last=False)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=training and sampler is None, sampler=sampler,
-                      num_workers=workers, collate_fn=_Collate(size_divisible, dataset.fit), drop_last=training,
-                      persistent_workers=training and workers > 0, pin_memory=torch.cuda.is_available())
+    """Training: `batch_size` per process from TrainSampler (call `loader.sampler.start(epoch, batch)` before each
+    epoch). Inference: this rank's shard in order."""
+    if training:
+        sampler = TrainSampler(len(dataset), batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+        if not sampler.batches:
+            raise OdtkError(f"{getattr(dataset, 'coco_path', None) or dataset.root}: {len(dataset)} images, fewer "
+                            f"than one batch of {sampler.global_batch}")
+    else:
+        sampler = ShardSampler(len(dataset), rank=rank, world_size=world_size)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=_Collate(size_divisible, dataset.fit), drop_last=training,
+                      worker_init_fn=_ignore_sigint if workers else None, persistent_workers=training and workers > 0, pin_memory=torch.cuda.is_available())

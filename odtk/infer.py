@@ -12,6 +12,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .data import CocoDataset, make_loader
+from .distributed import Context, gather
 from .evaluate import evaluate
 from .model import Model
 from .utils import OdtkError, atomic_write_text, cpu_threads, log
@@ -55,12 +56,14 @@ def _check_names(cfg: InferConfig, dataset: CocoDataset, category_ids, class_nam
 
 
 def run(predict: Predict, dataset: CocoDataset, cfg: InferConfig, category_ids: List[int],
-        size_divisible: int = 32) -> Dict[str, float]:
-    """The shared loop: batches -> predict -> COCO rows -> JSON (atomically) -> evaluation."""
+        size_divisible: int = 32, ctx: Context = Context()) -> Dict[str, float]:
+    """The shared loop: batches -> predict -> COCO rows -> JSON (atomically) -> evaluation.
+    Distributed: each rank takes its shard, rank 0 gathers, writes and evaluates (other ranks return {})."""
     loader = make_loader(dataset, batch_size=cfg.batch, training=False, workers=cfg.loader_workers,
-                         size_divisible=size_divisible)
+                         size_divisible=size_divisible, rank=ctx.rank, world_size=ctx.world_size)
     results, count, start = [], 0, time.time()
-    with tqdm(total=len(dataset), desc="infer", unit="img", dynamic_ncols=True) as bar:
+    bar = tqdm(total=len(loader.sampler), desc="infer", unit="img", dynamic_ncols=True, disable=ctx.rank != 0)
+    with bar:
         for batch in loader:
             if batch is None:
                 continue
@@ -70,6 +73,10 @@ def run(predict: Predict, dataset: CocoDataset, cfg: InferConfig, category_ids: 
             count += len(ids)
             bar.update(len(ids))
     elapsed = time.time() - start
+    if ctx.distributed:
+        results, count = gather(results, ctx), sum(gather([count], ctx))
+        if ctx.rank:
+            return {}
     atomic_write_text(json.dumps(results), cfg.output)
     log.info(f"{count} images, {len(results)} detections in {elapsed:.1f}s ({count / max(elapsed, 1e-9):.2f} im/s) "
              f"-> {cfg.output}")
@@ -91,19 +98,20 @@ def torch_predictor(model: Model, *, amp: bool) -> Predict:
     return predict
 
 
-def run_model(model: Model, cfg: InferConfig) -> Dict[str, float]:
-    """Run a loaded PyTorch model over cfg's images; write detections; evaluate when annotated."""
+def run_model(model: Model, cfg: InferConfig, ctx: Optional[Context] = None) -> Dict[str, float]:
+    """Run a loaded PyTorch model over cfg's images; write detections; evaluate when annotated.
+    With `ctx` (from training) the worker's device and threads are kept and the images are sharded."""
     mc = model.config
     category_ids = mc.category_ids or list(range(1, mc.num_classes + 1))
     dataset = CocoDataset(cfg.images, cfg.annotations, resize=cfg.resize, max_size=cfg.max_size,
                           category_ids=category_ids, mean=mc.mean, std=mc.std)
     _check_names(cfg, dataset, category_ids, mc.class_names)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
+    device = ctx.device if ctx else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and ctx is None:
         torch.set_num_threads(cpu_threads())
     model = model.to(device).eval()
     amp = device.type == "cuda" and not cfg.full_precision
-    return run(torch_predictor(model, amp=amp), dataset, cfg, category_ids, mc.size_divisible)
+    return run(torch_predictor(model, amp=amp), dataset, cfg, category_ids, mc.size_divisible, ctx or Context())
 
 
 def onnx_session(path: str):

@@ -2,6 +2,7 @@
 from typing import Dict
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
@@ -24,12 +25,23 @@ def box_loss(deltas: Tensor, box_target: Tensor, cls_target: Tensor, *, beta: fl
     return F.smooth_l1_loss(deltas[fg].float(), box_target[fg].float(), beta=beta, reduction="sum")
 
 
+def foreground_count(cls_target: Tensor, *, distributed: bool = False) -> Tensor:
+    """Foreground anchors, at least 1. Distributed: the mean over ranks, so that DDP's averaged gradients equal
+    one process's over the whole batch (sum of all losses / all foreground anchors)."""
+    count = (cls_target >= 0).sum().float()
+    if distributed:
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count.clamp(min=1)
+
+
 def retinanet_loss(cls_out: Tensor, box_out: Tensor, cls_target: Tensor, box_target: Tensor, *,
-                   alpha: float = 0.25, gamma: float = 2.0, beta: float = 0.11) -> Dict[str, Tensor]:
+                   alpha: float = 0.25, gamma: float = 2.0, beta: float = 0.11,
+                   distributed: bool = False) -> Dict[str, Tensor]:
     """cls_out [B, A, C], box_out [B, A, 4], targets from box.assign_targets. Losses are per foreground anchor."""
     num_classes = cls_out.shape[-1]
     cls_target = cls_target.reshape(-1)
-    num_fg = (cls_target >= 0).sum().clamp(min=1).float()
+    num_fg = foreground_count(cls_target, distributed=distributed)
     cls = focal_loss(cls_out.reshape(-1, num_classes), cls_target, alpha=alpha, gamma=gamma)
     box = box_loss(box_out.reshape(-1, 4), box_target.reshape(-1, 4), cls_target, beta=beta)
     return {"cls": cls / num_fg, "box": box / num_fg}

@@ -4,13 +4,11 @@ import os
 import sys
 from typing import List, Optional
 
+from .distributed import MASTER
 from .utils import OdtkError, log, setup_logging
 
 BACKBONE_HELP = ("ResNet18FPN, ResNet34FPN, ResNet50FPN, ResNet101FPN, ResNet152FPN, ResNeXt50_32x4dFPN, "
                  "ResNeXt101_32x8dFPN, MobileNetV2FPN")
-
-
-MASTER = "127.0.0.1:29500"
 
 
 def _master(value: str) -> str:
@@ -36,7 +34,8 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--backbone", nargs="+", default=["ResNet50FPN"], metavar="NAME", help=BACKBONE_HELP)
     p.add_argument("--classes", type=int, default=None,
                    help="number of classes (default: the categories of --annotations; ODTK's 80 for COCO)")
-    p.add_argument("--batch", type=int, default=2, help="batch size per device")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size over all workers, split evenly among them (default: 2 per worker)")
     p.add_argument("--resize", type=int, default=800, help="shorter side for validation")
     p.add_argument("--max-size", type=int, default=1333, help="cap on the longer side")
     p.add_argument("--jitter", type=int, nargs=2, default=[640, 1024], metavar=("MIN", "MAX"),
@@ -73,6 +72,13 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--clip-grad", type=float, default=0.0, metavar="NORM", help="clip gradient norm (0: off)")
     p.add_argument("--loader-workers", type=int, default=2, help="data loader processes")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (e.g. 0.9999) for validation and export "
+                        "(0: off)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="training processes on this machine (DDP): default one per GPU; on CPU 1 (N > 1: gloo)")
+    p.add_argument("--nodes", type=int, default=1, help="machines taking part (multi-node: same command on each)")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's index among --nodes (0 hosts --master)")
 
     p = sub.add_parser("infer", help="run inference (and COCO evaluation)", formatter_class=fmt)
     p.add_argument("model", help="model: .pth (PyTorch) or .onnx (ONNX Runtime; .plan: later)")
@@ -122,6 +128,13 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--val", type=int, default=50, help="validation images")
     p.add_argument("--size", type=int, default=256, help="image side")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (e.g. 0.9999) for validation and export "
+                        "(0: off)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="training processes on this machine (DDP): default one per GPU; on CPU 1 (N > 1: gloo)")
+    p.add_argument("--nodes", type=int, default=1, help="machines taking part (multi-node: same command on each)")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's index among --nodes (0 hosts --master)")
     for sub_parser in sub.choices.values():   # --verbose also after the command (ODTK's `export ... --verbose`)
         sub_parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="more detail")
     return parser.parse_args(args)
@@ -133,12 +146,8 @@ def _not_yet(flag: str, what: str) -> OdtkError:
 
 def run(args: argparse.Namespace) -> None:
     if args.command == "train":
-        if args.master != MASTER:
-            log.warning(f"--master {args.master}: multi-process training is not in this version; one process runs")
         if args.with_dali:
             raise _not_yet("--with-dali", "the DALI loader")
-        if args.batch < 1 or args.iters < 1:
-            raise OdtkError("--batch and --iters must be positive")
         from .data import Augment
         from .train import TrainConfig, train
         cfg = TrainConfig(
@@ -154,7 +163,8 @@ def run(args: argparse.Namespace) -> None:
                             hue=args.augment_hue),
             anchor_ious=tuple(args.anchor_ious), anchor_scales=args.anchor_scales,
             backbone_weights=args.backbone_weights, clip_grad=args.clip_grad, loader_workers=args.loader_workers,
-            seed=args.seed, verbose=args.verbose)
+            seed=args.seed, ema=args.ema, workers=args.workers, nodes=args.nodes, node_rank=args.node_rank,
+            master=args.master, verbose=args.verbose)
         train(cfg)
     elif args.command == "infer":
         if args.with_dali:

@@ -11,7 +11,7 @@ from torch import Tensor
 from . import box as box_ops
 from .backbones import build_backbone
 from .loss import retinanet_loss
-from .utils import OdtkError, atomic_save
+from .utils import OdtkError, atomic_save, log
 
 Heads = Tuple[List[Tensor], List[Tensor]]
 
@@ -88,8 +88,10 @@ class Model(nn.Module):
         return (torch.cat([box_ops.anchor_major(h, a) for h in cls_heads], 1),
                 torch.cat([box_ops.anchor_major(h, a) for h in box_heads], 1))
 
-    def loss(self, heads: Heads, boxes: Tensor, labels: Tensor, *, low_quality: bool = True) -> Dict[str, Tensor]:
-        """Focal + smooth-L1 losses for padded targets boxes [B, M, 4], labels [B, M] (-1 = padding)."""
+    def loss(self, heads: Heads, boxes: Tensor, labels: Tensor, *, low_quality: bool = True,
+             distributed: bool = False) -> Dict[str, Tensor]:
+        """Focal + smooth-L1 losses for padded targets boxes [B, M, 4], labels [B, M] (-1 = padding).
+        `distributed`: normalise by the foreground count of all ranks (see loss.foreground_count)."""
         cls_heads, box_heads = heads
         anchors = torch.cat(self.anchors(cls_heads))
         with torch.no_grad():
@@ -97,7 +99,7 @@ class Model(nn.Module):
             cls_target, box_target = box_ops.assign_targets(anchors, boxes, labels, fg_iou=fg, bg_iou=bg,
                                                             low_quality=low_quality)
         cls_out, box_out = self.flatten(cls_heads, box_heads)
-        return retinanet_loss(cls_out, box_out, cls_target, box_target)
+        return retinanet_loss(cls_out, box_out, cls_target, box_target, distributed=distributed)
 
     # -- inference -----------------------------------------------------------------------------
     def detect(self, heads: Heads, image_size: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, Tensor, Tensor]:
@@ -117,8 +119,9 @@ class Model(nn.Module):
         atomic_save({"config": asdict(self.config), "state_dict": self.state_dict(), **state}, path)
 
     @classmethod
-    def load(cls, path: str) -> Tuple["Model", dict]:
-        """Model and the rest of the checkpoint (training state)."""
+    def load(cls, path: str, *, ema: bool = True) -> Tuple["Model", dict]:
+        """Model and the rest of the checkpoint (training state). With `ema` the model gets the checkpoint's EMA
+        weights when it has them (inference, export); training resumes from the raw weights (ema=False)."""
         if not os.path.isfile(path):
             raise OdtkError(f"{path}: model file not found")
         try:
@@ -128,5 +131,9 @@ class Model(nn.Module):
         if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
             raise OdtkError(f"{path}: not an odtk checkpoint (no model config / state_dict)")
         model = cls(config=ModelConfig(**ckpt.pop("config")))
-        model.load_state_dict(ckpt.pop("state_dict"))
+        weights = ckpt.pop("state_dict")
+        if ema and ckpt.get("ema"):
+            weights = ckpt["ema"]["state_dict"]
+            log.info(f"{path}: using the EMA weights (decay {ckpt['ema']['decay']})")
+        model.load_state_dict(weights)
         return model, ckpt

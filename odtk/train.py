@@ -1,17 +1,27 @@
-"""Training loop: SGD with warmup and step decay, periodic atomic checkpoints, validation, metrics."""
+"""Training: SGD with warmup and step decay, one process per device (DDP), mixed precision on GPU, EMA, atomic
+checkpoints that resume exactly, validation gathered over ranks, TensorBoard and posted metrics."""
+import copy
+import functools
 import math
 import os
+import queue
+import random
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .backbones import find_weights, load_imagenet
 from .data import Augment, CocoDataset, make_loader
+from .distributed import MASTER, Context, StopRequest, launch, local_workers, torchrun_context
 from .model import Model, ModelConfig
-from .utils import OdtkError, cpu_threads, log
+from .utils import OdtkError, log
 
 
 @dataclass
@@ -21,7 +31,7 @@ class TrainConfig:
     images: str = "."
     backbone: List[str] = field(default_factory=lambda: ["ResNet50FPN"])
     classes: Optional[int] = None
-    batch: int = 2
+    batch: Optional[int] = None     # global, split over the workers (ODTK); default 2 per worker
     resize: int = 800
     max_size: int = 1333
     jitter: Tuple[int, int] = (640, 1024)
@@ -47,6 +57,11 @@ class TrainConfig:
     clip_grad: float = 0.0
     loader_workers: int = 2
     seed: int = 0
+    ema: float = 0.0                 # EMA decay of the weights; 0: off
+    workers: Optional[int] = None    # processes on this node: default one per GPU, else 1
+    nodes: int = 1
+    node_rank: int = 0
+    master: str = MASTER
     verbose: bool = False
 
 
@@ -60,7 +75,7 @@ def lr_factor(iteration: int, *, warmup: int, milestones, gamma: float) -> float
 def build_model(cfg: TrainConfig, dataset: CocoDataset) -> Tuple[Model, dict]:
     """Resume `cfg.model` if it exists (unless --override), else a new model, optionally --fine-tune'd."""
     if os.path.exists(cfg.model) and not cfg.override:
-        model, state = Model.load(cfg.model)
+        model, state = Model.load(cfg.model, ema=False)
         log.info(f"resuming {cfg.model} at iteration {state.get('iteration', 0)}")
         return model, state
     num_classes = len(dataset.category_ids)
@@ -99,7 +114,8 @@ def build_model(cfg: TrainConfig, dataset: CocoDataset) -> Tuple[Model, dict]:
 
 
 class Metrics:
-    """TensorBoard (tensorboardX) and --post-metrics; a metrics server that is down never stops training."""
+    """TensorBoard (tensorboardX) and --post-metrics. Posts go through a background thread with a timeout: a
+    metrics server that is slow or down never blocks or stops training (it is warned about once)."""
 
     def __init__(self, logdir: Optional[str], url: Optional[str]):
         self.writer = None
@@ -107,32 +123,109 @@ class Metrics:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(logdir)
         self.url, self.warned = url, False
+        self.queue: "queue.Queue[Optional[dict]]" = queue.Queue(maxsize=1000)
+        self.thread = None
+        if url:
+            self.thread = threading.Thread(target=self._post_loop, name="odtk-post-metrics", daemon=True)
+            self.thread.start()
 
-    def log(self, values: Dict[str, float], step: int) -> None:
-        if self.writer:
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, step)
-        if self.url:
-            import requests
+    def _post_loop(self) -> None:
+        import requests
+        session = requests.Session()
+        while (item := self.queue.get()) is not None:
             try:
-                requests.post(self.url, json={"iteration": step, **values}, timeout=2)
+                session.post(self.url, json=item, timeout=2).raise_for_status()
             except requests.RequestException as e:
                 if not self.warned:
                     log.warning(f"--post-metrics {self.url}: {e.__class__.__name__}; training goes on")
                     self.warned = True
 
-    def close(self) -> None:
+    def log(self, values: Dict[str, float], step: int) -> None:
+        if self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        if self.thread:
+            try:
+                self.queue.put_nowait({"iteration": step, **values})
+            except queue.Full:   # the server is far behind: drop rather than wait
+                pass
+
+    def close(self, timeout: float = 5.0) -> None:
         if self.writer:
             self.writer.close()
+        if self.thread:
+            try:
+                self.queue.put(None, timeout=timeout)
+            except queue.Full:
+                return
+            self.thread.join(timeout)
 
 
-def train(cfg: TrainConfig) -> Dict[str, float]:
+class ModelEMA:
+    """Exponential moving average of the weights (YOLOv5's ModelEMA): the decay ramps up over the first
+    `tau` updates so early, poor weights are forgotten; buffers are copied."""
+
+    def __init__(self, model: Model, decay: float, *, updates: int = 0, tau: float = 2000.0):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates, self.tau = decay, updates, tau
+
+    @torch.no_grad()
+    def update(self, model: Model) -> None:
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.tau))
+        current = model.state_dict()
+        for k, v in self.module.state_dict().items():
+            if v.dtype.is_floating_point:
+                v.mul_(d).add_(current[k].detach(), alpha=1 - d)
+            else:
+                v.copy_(current[k])
+
+    def state_dict(self) -> dict:
+        return {"state_dict": self.module.state_dict(), "updates": self.updates, "decay": self.decay}
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "random": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+
+
+def train(cfg: TrainConfig) -> Optional[Dict[str, float]]:
+    """Train with cfg: checks inputs here (one-line errors), then runs one worker per device."""
+    if cfg.batch is not None and cfg.batch < 1 or cfg.iters < 1:
+        raise OdtkError("--batch and --iters must be positive")
+    if cfg.ema and not 0 < cfg.ema < 1:
+        raise OdtkError(f"--ema {cfg.ema}: the decay must be between 0 and 1 (e.g. 0.9999)")
+    for path in (cfg.annotations, cfg.val_annotations):   # before any worker starts: one message, not N
+        if path and not os.path.isfile(path):
+            raise OdtkError(f"{path}: annotations file not found")
+    ctx = torchrun_context()
+    world = ctx.world_size if ctx else local_workers(cfg.workers) * cfg.nodes
+    if cfg.batch is not None and cfg.batch % world:
+        raise OdtkError(f"--batch {cfg.batch} does not split evenly over {world} workers")
+    return launch(functools.partial(train_worker, cfg), workers=cfg.workers, nodes=cfg.nodes,
+                  node_rank=cfg.node_rank, master=cfg.master, verbose=cfg.verbose)
+
+
+def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]:
+    """One worker's training loop (the only one without DDP). Returns loss figures and the per-iteration losses."""
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(cpu_threads())
+    device = ctx.device
+    batch = cfg.batch if cfg.batch is not None else 2 * ctx.world_size
+    if batch % ctx.world_size:
+        raise OdtkError(f"--batch {batch} does not split evenly over {ctx.world_size} workers")
     resuming = os.path.exists(cfg.model) and not cfg.override
-    category_ids = Model.load(cfg.model)[0].config.category_ids if resuming else None
+    category_ids = Model.load(cfg.model, ema=False)[0].config.category_ids if resuming else None
     dataset = CocoDataset(cfg.images, cfg.annotations, resize=cfg.resize, max_size=cfg.max_size,
                           jitter=cfg.jitter, augment=cfg.augment, category_ids=category_ids)
     if cfg.val_annotations:   # fail on a bad validation set now, not hours into training
@@ -145,94 +238,140 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
     milestones = [int(m * cfg.schedule) for m in cfg.milestones]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: lr_factor(i, warmup=cfg.warmup, milestones=milestones, gamma=cfg.gamma))
+    amp = device.type == "cuda" and not cfg.full_precision
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     iteration = int(state.get("iteration", 0))
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+    if amp and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if state.get("rng"):
+        set_rng_state(state["rng"])
+    ema = None
+    if cfg.ema or state.get("ema"):
+        saved = state.get("ema") or {}
+        ema = ModelEMA(model, cfg.ema or saved["decay"], updates=saved.get("updates", 0))
+        if saved:
+            ema.module.load_state_dict(saved["state_dict"])
     if iteration >= iters:
         log.info(f"{cfg.model} already trained for {iteration} iterations (--iters {iters}); use --override to restart")
         return {}
-    loader = make_loader(dataset, batch_size=cfg.batch, training=True, workers=cfg.loader_workers,
-                         size_divisible=model.config.size_divisible, seed=cfg.seed)
-    amp = device.type == "cuda" and not cfg.full_precision
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    metrics = Metrics(cfg.logdir, cfg.post_metrics)
+    per_rank = batch // ctx.world_size
+    loader = make_loader(dataset, batch_size=per_rank, training=True, workers=cfg.loader_workers,
+                         size_divisible=model.config.size_divisible, rank=ctx.rank, world_size=ctx.world_size,
+                         seed=cfg.seed)
+    steps_per_epoch = loader.sampler.batches
+    net = model
+    if ctx.distributed:
+        if device.type == "cuda" and not model.config.pretrained:   # trainable BN: statistics over all GPUs
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    metrics = Metrics(cfg.logdir, cfg.post_metrics) if ctx.rank == 0 else Metrics(None, None)
 
     def save():
-        model.save(cfg.model, iteration=iteration, optimizer=optimizer.state_dict(),
-                   scheduler=scheduler.state_dict())
-        log.debug(f"saved {cfg.model} at iteration {iteration}")
+        if ctx.rank == 0:
+            extra = {"scaler": scaler.state_dict()} if amp else {}
+            if ema:
+                extra["ema"] = ema.state_dict()
+            model.save(cfg.model, iteration=iteration, optimizer=optimizer.state_dict(),
+                       scheduler=scheduler.state_dict(), rng=rng_state(), **extra)
+            log.debug(f"saved {cfg.model} at iteration {iteration}")
 
     log.debug(f"model config: {model.config}")
     log.debug(f"train config: {cfg}")
+    precision = "fp16 mixed precision" if amp else "fp32"
+    log.info(f"training {'+'.join(model.config.backbones)} on {len(dataset)} images, {ctx.world_size} x "
+             f"{device.type}, batch {batch} ({per_rank} per worker), {precision}, {iters} iterations")
+    def step(batch_) -> Tuple[float, float, float]:
+        """One optimisation step; returns the mean losses over ranks and the number of ranks asked to stop."""
+        images, boxes, labels, _, _ = (t.to(device, non_blocking=True) for t in batch_)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            heads = net(images)
+        losses = model.loss(([h.float() for h in heads[0]], [h.float() for h in heads[1]]), boxes, labels,
+                            distributed=ctx.distributed)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["cls"] + losses["box"]).backward()
+        # one collective a step: the mean losses for the log, the divergence check and any stop request, so every
+        # rank takes the same decision at the same iteration
+        shared = torch.stack([losses["cls"].detach(), losses["box"].detach(),
+                              torch.tensor(float(stop.requested), device=device)])
+        if ctx.distributed:
+            dist.all_reduce(shared)
+            shared[:2] /= ctx.world_size
+        cls_loss, box_loss, stop_votes = shared.tolist()
+        if not math.isfinite(cls_loss + box_loss):
+            raise OdtkError(f"loss is {cls_loss + box_loss} at iteration {iteration}: training diverged; try a lower "
+                            f"--lr (now {cfg.lr}) or a longer --warmup; {cfg.model} was not overwritten by this step")
+        if cfg.clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if ema:
+            ema.update(model)
+        return cls_loss, box_loss, stop_votes
 
-    log.info(f"training {'+'.join(model.config.backbones)} on {len(dataset)} images, {device.type}, "
-             f"batch {cfg.batch}, {iters} iterations")
-    bar = tqdm(total=iters, initial=iteration, desc="train", unit="it", dynamic_ncols=True)
+    bar = tqdm(total=iters, initial=iteration, desc="train", unit="it", dynamic_ncols=True, disable=ctx.rank != 0)
     start, last_save, seen, history = time.time(), time.time(), 0, []
-    epoch = 0
-    try:
-        while iteration < iters:
-            if hasattr(loader.sampler, "set_epoch"):
-                loader.sampler.set_epoch(epoch)
-            for batch in loader:
-                if batch is None:
-                    continue
-                images, boxes, labels, _, _ = (t.to(device, non_blocking=True) for t in batch)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                    heads = model(images)
-                losses = model.loss(([h.float() for h in heads[0]], [h.float() for h in heads[1]]), boxes, labels)
-                loss = losses["cls"] + losses["box"]
-                if not torch.isfinite(loss):
-                    raise OdtkError(f"loss is {loss.item()} at iteration {iteration}: training diverged; try a lower "
-                                    f"--lr (now {cfg.lr}) or a longer --warmup; {cfg.model} was not overwritten")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.clip_grad:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                iteration += 1
-                seen += images.shape[0]
-                values = {"loss/cls": losses["cls"].item(), "loss/box": losses["box"].item(),
-                          "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / (time.time() - start)}
-                history.append(values["loss/cls"] + values["loss/box"])
-                bar.set_postfix(cls=f"{values['loss/cls']:.3f}", box=f"{values['loss/box']:.3f}",
-                                lr=f"{values['lr']:.2g}", ims=f"{values['images_per_s']:.2f}")
-                bar.update(1)
-                if iteration % 10 == 0 or iteration == iters:
-                    metrics.log(values, iteration)
-                if iteration % cfg.val_iters == 0 or iteration == iters or time.time() - last_save > 600:
-                    save()
-                    last_save = time.time()
+    stopped = False
+    with StopRequest() as stop:
+        while iteration < iters and not stopped:
+            loader.sampler.start(*divmod(iteration, steps_per_epoch))
+            try:
+                for batch_ in loader:
+                    if batch_ is None:   # every image of this batch was unreadable (each one was logged)
+                        continue
+                    cls_loss, box_loss, stop_votes = step(batch_)
+                    iteration += 1
+                    seen += per_rank * ctx.world_size
+                    values = {"loss/cls": cls_loss, "loss/box": box_loss, "lr": optimizer.param_groups[0]["lr"],
+                              "images_per_s": seen / (time.time() - start)}
+                    history.append(cls_loss + box_loss)
+                    bar.set_postfix(cls=f"{cls_loss:.3f}", box=f"{box_loss:.3f}", lr=f"{values['lr']:.2g}",
+                                    ims=f"{values['images_per_s']:.2f}")
+                    bar.update(1)
+                    if iteration % 10 == 0 or iteration == iters:
+                        metrics.log(values, iteration)
+                    if iteration % cfg.val_iters == 0 or iteration == iters or time.time() - last_save > 600:
+                        save()
+                        last_save = time.time()
                     if cfg.val_annotations and (iteration % cfg.val_iters == 0 or iteration == iters):
-                        ap = validate(model, cfg, dataset.category_ids)
-                        metrics.log({"val/AP": ap["AP"], "val/AP50": ap["AP50"]}, iteration)
+                        ap = validate(ema.module if ema else model, cfg, ctx)
+                        if ap:
+                            metrics.log({"val/AP": ap["AP"], "val/AP50": ap["AP50"]}, iteration)
                         model.train()
-                if iteration >= iters:
-                    break
-            epoch += 1
-    except KeyboardInterrupt:
-        bar.close()
-        save()
-        log.warning(f"interrupted: saved {cfg.model} at iteration {iteration}; run the same command to resume")
-        raise SystemExit(130)
+                    if stop_votes or iteration >= iters:
+                        stopped = bool(stop_votes)
+                        break
+            except RuntimeError:
+                # a SIGTERM sent to the whole process group also stops the loader's processes: save and stop
+                if not stop.requested:
+                    raise
+                stopped = True
     bar.close()
     metrics.close()
+    if stopped:
+        save()
+        log.warning(f"stopped by {stop.signal or 'another worker'}: saved {cfg.model} at iteration {iteration}; "
+                    f"run the same command to resume")
+        raise SystemExit(130)
     minutes = (time.time() - start) / 60
     first = sum(history[:10]) / max(1, len(history[:10]))
     last = sum(history[-10:]) / max(1, len(history[-10:]))
     log.info(f"done: {iteration} iterations in {minutes:.1f} min, {seen / max(1e-9, minutes * 60):.2f} im/s, "
              f"loss {first:.3f} -> {last:.3f}, saved {cfg.model}")
-    return {"first_loss": first, "last_loss": last, "minutes": minutes}
+    return {"first_loss": first, "last_loss": last, "minutes": minutes, "losses": history,
+            "images_per_s": seen / max(1e-9, minutes * 60)}
 
 
-def validate(model: Model, cfg: TrainConfig, category_ids) -> Dict[str, float]:
+def validate(model: Model, cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]:
+    """COCO AP of `model` on the validation set: each rank infers its shard, rank 0 evaluates ({} elsewhere)."""
     from .infer import InferConfig, run_model
     out = os.path.splitext(cfg.model)[0] + "-val-detections.json"
+    per_rank = (cfg.batch or 2 * ctx.world_size) // ctx.world_size
     icfg = InferConfig(model=cfg.model, images=cfg.val_images or cfg.images, annotations=cfg.val_annotations,
-                       output=out, batch=cfg.batch, resize=cfg.resize, max_size=cfg.max_size,
+                       output=out, batch=per_rank, resize=cfg.resize, max_size=cfg.max_size,
                        loader_workers=cfg.loader_workers)
-    return run_model(model.eval(), icfg)
+    return run_model(model.eval(), icfg, ctx)

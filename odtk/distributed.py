@@ -1,0 +1,202 @@
+"""One worker process per device (ODTK's shape), torchrun and multi-node, and signals that stop training cleanly.
+
+`launch` runs `fn(context)` in every local worker: in this process when there is one, else through
+torch.multiprocessing; under torchrun each process is already a worker. Workers join a process group
+(NCCL on GPU, gloo on CPU) through MASTER_ADDR/MASTER_PORT.
+"""
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from .utils import OdtkError, cpu_threads, log, setup_logging
+
+MASTER = "127.0.0.1:29500"
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this worker sits: global rank and size, rank and size on this node, its device."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def torchrun_context() -> Optional[Context]:
+    """The worker's place when launched by torchrun (or any launcher that sets RANK/WORLD_SIZE/LOCAL_RANK)."""
+    env = os.environ
+    if not all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return None
+    return Context(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=int(env["LOCAL_RANK"]),
+                   local_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
+
+
+def local_workers(requested: Optional[int]) -> int:
+    """--workers, else one per visible GPU, else one (CPU)."""
+    if requested is not None:
+        if requested < 1:
+            raise OdtkError(f"--workers {requested}: need at least 1")
+        if torch.cuda.is_available() and requested > torch.cuda.device_count():
+            raise OdtkError(f"--workers {requested}: only {torch.cuda.device_count()} GPUs are visible")
+        return requested
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def init(ctx: Context, master: str = MASTER, verbose: bool = False) -> None:
+    """Per-worker set-up: logging (rank 0 speaks), device, CPU threads, process group."""
+    setup_logging(verbose)
+    if ctx.rank:
+        log.setLevel("WARNING")
+    if ctx.device.type == "cuda":
+        torch.cuda.set_device(ctx.device)
+    else:   # share the cores among the workers of this node
+        torch.set_num_threads(max(1, cpu_threads() // ctx.local_size))
+    if ctx.distributed and not dist.is_initialized():
+        host, _, port = master.rpartition(":")
+        os.environ.setdefault("MASTER_ADDR", host)
+        os.environ.setdefault("MASTER_PORT", port)
+        backend = "nccl" if ctx.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size,
+                                device_id=ctx.device if backend == "nccl" else None)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run(local_rank: int, fn: Callable[[Context], Any], node_rank: int, local: int, nodes: int, master: str,
+         verbose: bool) -> None:
+    """A spawned worker: one-line errors, exit codes the parent maps back (2 = user error, 130 = stopped)."""
+    ctx = Context(rank=node_rank * local + local_rank, world_size=nodes * local, local_rank=local_rank,
+                  local_size=local)
+    os.environ["MASTER_ADDR"], _, os.environ["MASTER_PORT"] = master.rpartition(":")
+    try:
+        init(ctx, master, verbose)
+        fn(ctx)
+    except OdtkError as e:
+        log.error(f"odtk train (rank {ctx.rank}): error: {e}")
+        sys.exit(2)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        shutdown()
+
+
+def launch(fn: Callable[[Context], Any], *, workers: Optional[int] = None, nodes: int = 1, node_rank: int = 0,
+           master: str = MASTER, verbose: bool = False) -> Any:
+    """Run fn in every local worker; returns fn's result when it ran in this process (one worker, torchrun)."""
+    ctx = torchrun_context()
+    if ctx is not None:
+        if workers is not None or nodes != 1:
+            log.warning("launched by torchrun: its ranks are used, --workers/--nodes/--node-rank are ignored")
+        init(ctx, master, verbose)
+        try:
+            return fn(ctx)
+        finally:
+            shutdown()
+    if nodes < 1 or not 0 <= node_rank < nodes:
+        raise OdtkError(f"--nodes {nodes} --node-rank {node_rank}: need 0 <= node rank < nodes")
+    local = local_workers(workers)
+    if local == 1 and nodes == 1:
+        ctx = Context()
+        init(ctx, master, verbose)
+        return fn(ctx)
+    log.info(f"{local} worker process{'es' if local > 1 else ''} on this node ({nodes} node{'s' if nodes > 1 else ''},"
+             f" {'NCCL' if torch.cuda.is_available() else 'gloo'}), rank 0 at {master}")
+    import torch.multiprocessing as mp
+    procs = mp.start_processes(_run, args=(fn, node_rank, local, nodes, master, verbose), nprocs=local, join=False,
+                               start_method="spawn")
+    with forward_signals([p.pid for p in procs.processes]):
+        try:
+            while not procs.join():
+                pass
+        except mp.ProcessExitedException as e:
+            for p in procs.processes:   # one worker failed: the others would wait for it forever
+                if p.is_alive():
+                    p.terminate()
+            raise SystemExit(e.exit_code if e.exit_code in (2, 130) else 1) from None
+    return None
+
+
+class forward_signals:
+    """In the launching process: pass SIGINT/SIGTERM on to the workers (they save and stop) instead of dying."""
+
+    def __init__(self, pids: List[int]):
+        self.pids, self.old = pids, {}
+
+    def _forward(self, signum, frame):
+        for pid in self.pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self.old[s] = signal.signal(s, self._forward)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask training to stop after the current iteration, with a checkpoint; the save itself is
+    never cut short. A second request more than 2 s later (the first may arrive twice: terminal and launcher)
+    stops at once, which atomic saves make safe."""
+
+    def __init__(self):
+        self.signal: Optional[str] = None
+        self.at = 0.0
+        self.old = {}
+
+    def _handle(self, signum, frame):
+        now = time.monotonic()
+        if self.signal is not None and now - self.at > 2:
+            raise KeyboardInterrupt
+        if self.signal is None:
+            self.signal, self.at = signal.Signals(signum).name, now
+            log.warning(f"{self.signal}: stopping after this iteration (again to stop at once)")
+
+    def __enter__(self):
+        try:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.signal(s, self._handle)
+        except ValueError:   # not the main thread (e.g. called from a notebook worker thread): default handling
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+def gather(items: list, ctx: Context) -> list:
+    """Concatenate every rank's list (all ranks get the whole)."""
+    if not ctx.distributed:
+        return items
+    parts: List[Optional[list]] = [None] * ctx.world_size
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
