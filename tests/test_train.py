@@ -194,6 +194,23 @@ def test_signal_saves_a_checkpoint_that_resumes(config, tmp_path, workers, sig):
     assert Model.load(config.model)[1]["iteration"] == stopped_at + 2
 
 
+def test_two_nodes_on_one_machine(config, tmp_path):
+    """--nodes 2 --node-rank 0/1: two launchers meeting at --master form one process group of 2."""
+    base = [sys.executable, "-m", "odtk", "--master", config.master, "train", config.model,
+            "--annotations", config.annotations, "--images", config.images, "--backbone", "MobileNetV2FPN",
+            "--backbone-weights", config.backbone_weights, "--batch", "4", "--resize", "128", "--max-size", "128",
+            "--jitter", "128", "128", "--iters", "2", "--loader-workers", "0", "--workers", "1", "--nodes", "2"]
+    procs = [subprocess.Popen(base + ["--node-rank", str(r)], stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill() if p.poll() is None else None
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-1500:] + errs[1][-1500:]
+    assert "batch 4 (2 per worker)" in errs[0]
+    assert Model.load(config.model)[1]["iteration"] == 2
+
+
 def test_torchrun_environment_is_used(config, monkeypatch):
     from odtk.distributed import torchrun_context
     monkeypatch.setenv("RANK", "0")
