@@ -59,8 +59,8 @@ def local_workers(requested: Optional[int]) -> int:
 def init(ctx: Context, master: str = MASTER, verbose: bool = False) -> None:
     """Per-worker set-up: logging (rank 0 speaks), device, CPU threads, process group."""
     setup_logging(verbose)
-    if ctx.rank:
-        log.setLevel("WARNING")
+    if ctx.rank:   # rank 0 speaks for all; the others only report their own errors
+        log.setLevel("ERROR")
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
     else:   # share the cores among the workers of this node
@@ -95,6 +95,9 @@ def _run(local_rank: int, fn: Callable[[Context], Any], node_rank: int, local: i
         raise
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception:   # a bug: its traceback, from the worker that hit it
+        log.exception(f"odtk train (rank {ctx.rank}): unexpected error")
+        sys.exit(1)
     finally:
         shutdown()
 
@@ -124,15 +127,35 @@ def launch(fn: Callable[[Context], Any], *, workers: Optional[int] = None, nodes
     procs = mp.start_processes(_run, args=(fn, node_rank, local, nodes, master, verbose), nprocs=local, join=False,
                                start_method="spawn")
     with forward_signals([p.pid for p in procs.processes]):
-        try:
-            while not procs.join():
-                pass
-        except mp.ProcessExitedException as e:
-            for p in procs.processes:   # one worker failed: the others would wait for it forever
-                if p.is_alive():
-                    p.terminate()
-            raise SystemExit(e.exit_code if e.exit_code in (2, 130) else 1) from None
+        code = wait_workers(procs.processes)
+    if code:
+        raise SystemExit(code)
     return None
+
+
+def wait_workers(processes: list, grace: float = 10.0) -> int:
+    """Wait for every worker; the exit code: a failure's (2 = user error, else 1), else 130 if stopped, else 0.
+    Once one has failed, the rest get `grace` seconds to fail alike, then are terminated: they may be blocked
+    in a collective waiting for it. A stopped worker (130) is not a failure: rank 0 may still be saving."""
+    from multiprocessing.connection import wait
+    alive = {p.sentinel: p for p in processes}
+    failed_at = None
+    while alive:
+        for sentinel in wait(list(alive), timeout=1.0):
+            p = alive.pop(sentinel)
+            p.join()
+            if p.exitcode not in (0, 130) and failed_at is None:
+                failed_at = time.monotonic()
+        if failed_at is not None and alive and time.monotonic() - failed_at > grace:
+            for p in alive.values():
+                p.terminate()
+                p.join()
+            alive = {}
+    codes = [p.exitcode for p in processes]
+    failures = [c for c in codes if c not in (0, 130)]
+    if failures:
+        return 2 if 2 in failures else 1
+    return 130 if 130 in codes else 0
 
 
 class forward_signals:

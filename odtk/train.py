@@ -356,11 +356,12 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
         save()
         log.warning(f"stopped by {stop.signal or 'another worker'}: saved {cfg.model} at iteration {iteration}; "
                     f"run the same command to resume")
-        raise SystemExit(130)
+        # only rank 0 reports 130: a launcher stops the other workers when one exits non-zero, rank 0 mid-save too
+        raise SystemExit(130 if ctx.rank == 0 else 0)
     minutes = (time.time() - start) / 60
     first = sum(history[:10]) / max(1, len(history[:10]))
     last = sum(history[-10:]) / max(1, len(history[-10:]))
-    log.info(f"done: {iteration} iterations in {minutes:.1f} min, {seen / max(1e-9, minutes * 60):.2f} im/s, "
+    log.info(f"done: iterations {iteration - len(history)} -> {iteration} in {minutes:.1f} min, {seen / max(1e-9, minutes * 60):.2f} im/s, "
              f"loss {first:.3f} -> {last:.3f}, saved {cfg.model}")
     return {"first_loss": first, "last_loss": last, "minutes": minutes, "losses": history,
             "images_per_s": seen / max(1e-9, minutes * 60)}

@@ -205,7 +205,8 @@ def test_two_nodes_on_one_machine(config, tmp_path):
         errs = [p.communicate(timeout=300)[1] for p in procs]
     finally:
         for p in procs:
-            p.kill() if p.poll() is None else None
+            if p.poll() is None:
+                p.kill()
     assert [p.returncode for p in procs] == [0, 0], errs[0][-1500:] + errs[1][-1500:]
     assert "batch 4 (2 per worker)" in errs[0]
     assert Model.load(config.model)[1]["iteration"] == 2
