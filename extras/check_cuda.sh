@@ -14,6 +14,7 @@ fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0} MAX_JOBS=${MAX_JOBS:-2}
 echo "cuda-check: nvcc $("$CUDA_HOME/bin/nvcc" --version | grep -o "release [0-9.]*, V[0-9.]*"), TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 out=build/cuda-check
+rm -rf "$out" && mkdir -p build   # a clean build: every line below is a real compile
 start=$(date +%s)
 ODTK_BUILD_CUDA=1 ODTK_BUILD_TENSORRT=0 "$PYTHON" setup.py -q build_ext --build-lib "$out" --build-temp "$out/tmp" \
   > "$out.log" 2>&1 || { grep -m20 -B2 -A6 "error" "$out.log"; echo "cuda-check: FAILED to compile"; exit 1; }

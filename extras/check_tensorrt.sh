@@ -27,13 +27,13 @@ check() {  # check STD SOURCE [extra flags...]
 }
 for src in odtk/csrc/plugins/*.cpp odtk/csrc/engine.cpp; do check c++17 "$src"; done
 # the pybind11 binding of Engine: torch's headers need C++20
-mapfile -t torch_flags < <("$PYTHON" - <<'PY'
+mapfile -t torch_flags < <("$PYTHON" - 2>/dev/null <<'PY'
 import sysconfig
 from torch.utils.cpp_extension import include_paths
 for path in include_paths() + [sysconfig.get_paths()["include"]]:
     print("-isystem"); print(path)
 PY
-2>/dev/null)
+)
 wheel=$("$PYTHON" -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13', 'include'))" 2>/dev/null || true)
 [ -d "$wheel" ] && torch_flags+=(-idirafter "$wheel")
 check c++20 odtk/csrc/extensions.cpp "${torch_flags[@]}" -DTORCH_EXTENSION_NAME=_C -Wno-unused-parameter

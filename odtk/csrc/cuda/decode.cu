@@ -1,7 +1,6 @@
 // Per-level decode: score threshold, top-n by score, anchor deltas -> boxes (odtk.box.decode on the GPU).
 #include <algorithm>
 #include <stdexcept>
-#include <string>
 
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_select.cuh>
@@ -13,11 +12,6 @@
 namespace odtk {
 namespace cuda {
 namespace {
-
-void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) throw std::runtime_error(std::string("odtk decode: ") + what + ": " +
-                                                      cudaGetErrorString(status));
-}
 
 struct AboveThreshold {
   const float* scores;
@@ -92,9 +86,9 @@ size_t decode(int batch, const float* scores, const float* boxes, const float* c
   thrust::counting_iterator<int> iota(0);
   size_t select_bytes = 0, sort_bytes = 0;
   check(cub::DeviceSelect::If(nullptr, select_bytes, iota, indices, count, n, AboveThreshold{scores, threshold},
-                              stream), "select size");
+                              stream), "odtk decode: select size");
   check(cub::DeviceRadixSort::SortPairsDescending(nullptr, sort_bytes, keys, sorted_keys, indices, sorted_indices,
-                                                  n, 0, 32, stream), "sort size");
+                                                  n, 0, 32, stream), "odtk decode: sort size");
   void* select_tmp = ws.bytes(select_bytes);
   void* sort_tmp = ws.bytes(sort_bytes);
   if (ws.sizing()) return ws.used();
@@ -105,20 +99,22 @@ size_t decode(int batch, const float* scores, const float* boxes, const float* c
   for (int b = 0; b < batch; ++b) {
     const float* image_scores = scores + b * per_image;
     check(cub::DeviceSelect::If(select_tmp, select_bytes, iota, indices, count, n,
-                                AboveThreshold{image_scores, threshold}, stream), "select");
+                                AboveThreshold{image_scores, threshold}, stream), "odtk decode: select");
     int kept = 0;
-    check(cudaMemcpyAsync(&kept, count, sizeof(int), cudaMemcpyDeviceToHost, stream), "count copy");
-    check(cudaStreamSynchronize(stream), "count sync");
+    check(cudaMemcpyAsync(&kept, count, sizeof(int), cudaMemcpyDeviceToHost, stream),
+          "odtk decode: count copy");
+    check(cudaStreamSynchronize(stream), "odtk decode: count sync");
     if (kept > 0) {
       gather_scores<<<(kept + threads - 1) / threads, threads, 0, stream>>>(image_scores, indices, count, keys);
       check(cub::DeviceRadixSort::SortPairsDescending(sort_tmp, sort_bytes, keys, sorted_keys, indices,
-                                                      sorted_indices, kept, 0, 32, stream), "sort");
+                                                      sorted_indices, kept, 0, 32, stream),
+            "odtk decode: sort");
     }
     decode_boxes<<<(top_n + threads - 1) / threads, threads, 0, stream>>>(
         sorted_keys, sorted_indices, std::min(kept, top_n), boxes + b * static_cast<size_t>(num_anchors) * 4 *
         height * width, cell_anchors, num_classes, height, width, stride, image_h, image_w, top_n,
         out_scores + b * top_n, out_boxes + b * top_n * 4, out_classes + b * top_n);
-    check(cudaGetLastError(), "decode kernel");
+    check(cudaGetLastError(), "odtk decode: decode kernel");
   }
   return 0;
 }

@@ -1,6 +1,5 @@
 // Class-aware greedy NMS per image (odtk.box.nms / torchvision.ops.batched_nms on the GPU).
 #include <stdexcept>
-#include <string>
 
 #include <cub/device/device_radix_sort.cuh>
 
@@ -10,11 +9,6 @@
 namespace odtk {
 namespace cuda {
 namespace {
-
-void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) throw std::runtime_error(std::string("odtk nms: ") + what + ": " +
-                                                      cudaGetErrorString(status));
-}
 
 __global__ void iota(int* out, int count) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -98,7 +92,7 @@ size_t nms(int batch, const float* scores, const float* boxes, const float* clas
   unsigned char* removed = ws.take<unsigned char>(total);
   size_t sort_bytes = 0;
   check(cub::DeviceRadixSort::SortPairsDescending(nullptr, sort_bytes, scores, sorted_scores, indices,
-                                                  sorted_indices, count, 0, 32, stream), "sort size");
+                                                  sorted_indices, count, 0, 32, stream), "odtk nms: sort size");
   void* sort_tmp = ws.bytes(sort_bytes);
   if (ws.sizing()) return ws.used();
   if (workspace_size < ws.used()) throw std::invalid_argument("odtk nms: workspace too small");
@@ -109,12 +103,12 @@ size_t nms(int batch, const float* scores, const float* boxes, const float* clas
     const size_t offset = static_cast<size_t>(b) * count;
     check(cub::DeviceRadixSort::SortPairsDescending(sort_tmp, sort_bytes, scores + offset, sorted_scores + offset,
                                                     indices, sorted_indices + offset, count, 0, 32, stream),
-          "sort");
+          "odtk nms: sort");
   }
   nms_kernel<<<batch, threads, 0, stream>>>(sorted_scores, sorted_indices, boxes, classes, count, iou_threshold,
                                             detections, sorted_boxes, sorted_classes, removed, out_scores,
                                             out_boxes, out_classes);
-  check(cudaGetLastError(), "nms kernel");
+  check(cudaGetLastError(), "odtk nms: nms kernel");
   return 0;
 }
 

@@ -1,12 +1,22 @@
-// Carves one workspace buffer into aligned pieces; with a null base it only adds up the sizes.
+// Helpers of the kernels' host code: CUDA error checks and workspace carving.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <cuda_runtime_api.h>
 
 namespace odtk {
 namespace cuda {
 
+// Throws "<what>: <CUDA's message>" on an error (plugins turn it into a failed enqueue, torch ops into a Python error).
+inline void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
+}
+
+// Carves one workspace buffer into aligned pieces; with a null base it only adds up the sizes.
 class Workspace {
  public:
   explicit Workspace(void* base) : base_(static_cast<char*>(base)) {}

@@ -2,7 +2,6 @@
 
 #include <cuda_runtime_api.h>
 
-#include <exception>
 #include <stdexcept>
 
 #include "../cuda/kernels.h"
@@ -49,76 +48,37 @@ std::vector<PluginField> DecodePlugin::field_names() {
           PluginField("image_size", nullptr, PluginFieldType::kINT32, 2)};
 }
 
-nvinfer1::PluginFieldCollection const* DecodePlugin::getFieldsToSerialize() noexcept {
-  serialized_ = collect({PluginField("anchors", anchors_.data(), PluginFieldType::kFLOAT32,
-                                     static_cast<int32_t>(anchors_.size())),
-                         PluginField("stride", &stride_, PluginFieldType::kFLOAT32, 1),
-                         PluginField("score_thresh", &score_threshold_, PluginFieldType::kFLOAT32, 1),
-                         PluginField("top_n", &top_n_, PluginFieldType::kINT32, 1),
-                         PluginField("image_size", image_size_, PluginFieldType::kINT32, 2)});
-  return &serialized_;
+std::vector<PluginField> DecodePlugin::fields() {
+  return {PluginField("anchors", anchors_.data(), PluginFieldType::kFLOAT32, static_cast<int32_t>(anchors_.size())),
+          PluginField("stride", &stride_, PluginFieldType::kFLOAT32, 1),
+          PluginField("score_thresh", &score_threshold_, PluginFieldType::kFLOAT32, 1),
+          PluginField("top_n", &top_n_, PluginFieldType::kINT32, 1),
+          PluginField("image_size", image_size_, PluginFieldType::kINT32, 2)};
 }
 
-int32_t DecodePlugin::getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nb_inputs, nvinfer1::DimsExprs const*,
-                                      int32_t, nvinfer1::DimsExprs* outputs, int32_t nb_outputs,
-                                      nvinfer1::IExprBuilder& exprs) noexcept {
-  if (nb_inputs != 2 || nb_outputs != 3 || inputs[0].nbDims != 4) return -1;
-  auto const* batch = inputs[0].d[0];
-  auto const* top_n = exprs.constant(top_n_);
-  outputs[0].nbDims = 2;
-  outputs[0].d[0] = batch;
-  outputs[0].d[1] = top_n;
-  outputs[1].nbDims = 3;
-  outputs[1].d[0] = batch;
-  outputs[1].d[1] = top_n;
-  outputs[1].d[2] = exprs.constant(4);
-  outputs[2] = outputs[0];
-  return 0;
-}
-
-size_t DecodePlugin::workspace(int32_t channels, int32_t height, int32_t width) const {
+// The cell anchors, then the kernel's workspace. It is reused image after image: it does not grow with the batch.
+size_t DecodePlugin::workspace_size(nvinfer1::Dims const& input) const {
   const int32_t num_anchors = static_cast<int32_t>(anchors_.size() / 4);
   cuda::Workspace ws(nullptr);
   ws.take<float>(anchors_.size());
-  return ws.used() + cuda::decode(1, nullptr, nullptr, nullptr, num_anchors, channels / num_anchors, height, width,
-                                  stride_, score_threshold_, top_n_, image_size_[0], image_size_[1], nullptr,
-                                  nullptr, nullptr, nullptr, 0, nullptr);
+  return ws.used() + cuda::decode(1, nullptr, nullptr, nullptr, num_anchors, static_cast<int>(input.d[1]) / num_anchors,
+                                  static_cast<int>(input.d[2]), static_cast<int>(input.d[3]), stride_,
+                                  score_threshold_, top_n_, image_size_[0], image_size_[1], nullptr, nullptr, nullptr,
+                                  nullptr, 0, nullptr);
 }
 
-size_t DecodePlugin::getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t,
-                                      nvinfer1::DynamicPluginTensorDesc const*, int32_t) const noexcept {
-  try {   // the decode workspace is reused image after image: it does not grow with the batch
-    auto const& dims = inputs[0].max;
-    return workspace(static_cast<int32_t>(dims.d[1]), static_cast<int32_t>(dims.d[2]),
-                     static_cast<int32_t>(dims.d[3]));
-  } catch (...) {
-    return 0;
-  }
-}
-
-int32_t DecodePlugin::enqueue(nvinfer1::PluginTensorDesc const* input_desc, nvinfer1::PluginTensorDesc const*,
-                              void const* const* inputs, void* const* outputs, void* workspace_ptr,
-                              cudaStream_t stream) noexcept {
-  try {
-    auto const& dims = input_desc[0].dims;
-    const int32_t batch = static_cast<int32_t>(dims.d[0]), channels = static_cast<int32_t>(dims.d[1]);
-    const int32_t height = static_cast<int32_t>(dims.d[2]), width = static_cast<int32_t>(dims.d[3]);
-    const int32_t num_anchors = static_cast<int32_t>(anchors_.size() / 4);
-    cuda::Workspace ws(workspace_ptr);
-    float* anchors = ws.take<float>(anchors_.size());
-    if (cudaMemcpyAsync(anchors, anchors_.data(), anchors_.size() * sizeof(float), cudaMemcpyHostToDevice,
-                        stream) != cudaSuccess)
-      return -1;
-    size_t kernel_bytes = workspace(channels, height, width) - ws.used();
-    cuda::decode(batch, static_cast<float const*>(inputs[0]), static_cast<float const*>(inputs[1]), anchors,
-                 num_anchors, channels / num_anchors, height, width, stride_, score_threshold_, top_n_,
-                 image_size_[0], image_size_[1], static_cast<float*>(outputs[0]), static_cast<float*>(outputs[1]),
-                 static_cast<float*>(outputs[2]), static_cast<char*>(workspace_ptr) + ws.used(), kernel_bytes,
-                 stream);
-    return 0;
-  } catch (std::exception const&) {
-    return -1;
-  }
+void DecodePlugin::run(nvinfer1::Dims const& input, void const* const* inputs, void* const* outputs, void* workspace,
+                       cudaStream_t stream) {
+  const int32_t num_anchors = static_cast<int32_t>(anchors_.size() / 4);
+  cuda::Workspace ws(workspace);
+  float* anchors = ws.take<float>(anchors_.size());
+  cuda::check(cudaMemcpyAsync(anchors, anchors_.data(), anchors_.size() * sizeof(float), cudaMemcpyHostToDevice,
+                              stream), "OdtkDecode: anchors copy");
+  cuda::decode(static_cast<int>(input.d[0]), static_cast<float const*>(inputs[0]), static_cast<float const*>(inputs[1]),
+               anchors, num_anchors, static_cast<int>(input.d[1]) / num_anchors, static_cast<int>(input.d[2]),
+               static_cast<int>(input.d[3]), stride_, score_threshold_, top_n_, image_size_[0], image_size_[1],
+               static_cast<float*>(outputs[0]), static_cast<float*>(outputs[1]), static_cast<float*>(outputs[2]),
+               static_cast<char*>(workspace) + ws.used(), workspace_size(input) - ws.used(), stream);
 }
 
 }  // namespace odtk

@@ -17,19 +17,15 @@ class DecodePlugin : public PluginBase<DecodePlugin> {
                int32_t image_h, int32_t image_w);
   explicit DecodePlugin(nvinfer1::PluginFieldCollection const* fields);   // from the creator / a plan
   static std::vector<nvinfer1::PluginField> field_names();
+  static constexpr int32_t kInputs = 2, kInputDims = 4;
+  int32_t outputs_per_image() const { return top_n_; }
 
-  nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
-  int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nb_inputs, nvinfer1::DimsExprs const*, int32_t,
-                          nvinfer1::DimsExprs* outputs, int32_t nb_outputs,
-                          nvinfer1::IExprBuilder& exprs) noexcept override;
-  size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nb_inputs,
-                          nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nb_outputs) const noexcept override;
-  int32_t enqueue(nvinfer1::PluginTensorDesc const* input_desc, nvinfer1::PluginTensorDesc const* output_desc,
-                  void const* const* inputs, void* const* outputs, void* workspace,
-                  cudaStream_t stream) noexcept override;
+  std::vector<nvinfer1::PluginField> fields();   // pointing at the members, for serialisation
+  size_t workspace_size(nvinfer1::Dims const& input) const;
+  void run(nvinfer1::Dims const& input, void const* const* inputs, void* const* outputs, void* workspace,
+           cudaStream_t stream);
 
  private:
-  size_t workspace(int32_t channels, int32_t height, int32_t width) const;
   void check() const;
 
   std::vector<float> anchors_;   // [A, 4], copied to the workspace at each enqueue
@@ -37,7 +33,6 @@ class DecodePlugin : public PluginBase<DecodePlugin> {
   float score_threshold_;
   int32_t top_n_;
   int32_t image_size_[2];        // clip boxes to (height, width); 0 = no clip
-  nvinfer1::PluginFieldCollection serialized_{};
 };
 
 }  // namespace odtk

@@ -1,6 +1,5 @@
 #include "nms_plugin.h"
 
-#include <exception>
 #include <stdexcept>
 
 #include "../cuda/kernels.h"
@@ -34,55 +33,23 @@ std::vector<PluginField> NMSPlugin::field_names() {
           PluginField("detections_per_im", nullptr, PluginFieldType::kINT32, 1)};
 }
 
-nvinfer1::PluginFieldCollection const* NMSPlugin::getFieldsToSerialize() noexcept {
-  serialized_ = collect({PluginField("nms_thresh", &nms_threshold_, PluginFieldType::kFLOAT32, 1),
-                         PluginField("detections_per_im", &detections_, PluginFieldType::kINT32, 1)});
-  return &serialized_;
+std::vector<PluginField> NMSPlugin::fields() {
+  return {PluginField("nms_thresh", &nms_threshold_, PluginFieldType::kFLOAT32, 1),
+          PluginField("detections_per_im", &detections_, PluginFieldType::kINT32, 1)};
 }
 
-int32_t NMSPlugin::getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nb_inputs, nvinfer1::DimsExprs const*,
-                                   int32_t, nvinfer1::DimsExprs* outputs, int32_t nb_outputs,
-                                   nvinfer1::IExprBuilder& exprs) noexcept {
-  if (nb_inputs != 3 || nb_outputs != 3 || inputs[0].nbDims != 2) return -1;
-  auto const* batch = inputs[0].d[0];
-  auto const* detections = exprs.constant(detections_);
-  outputs[0].nbDims = 2;
-  outputs[0].d[0] = batch;
-  outputs[0].d[1] = detections;
-  outputs[1].nbDims = 3;
-  outputs[1].d[0] = batch;
-  outputs[1].d[1] = detections;
-  outputs[1].d[2] = exprs.constant(4);
-  outputs[2] = outputs[0];
-  return 0;
+// Sorted copies of every image's candidates: it grows with the batch.
+size_t NMSPlugin::workspace_size(nvinfer1::Dims const& input) const {
+  return cuda::nms(static_cast<int>(input.d[0]), nullptr, nullptr, nullptr, static_cast<int>(input.d[1]),
+                   nms_threshold_, detections_, nullptr, nullptr, nullptr, nullptr, 0, nullptr);
 }
 
-size_t NMSPlugin::getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t,
-                                   nvinfer1::DynamicPluginTensorDesc const*, int32_t) const noexcept {
-  try {
-    auto const& dims = inputs[0].max;
-    return cuda::nms(static_cast<int>(dims.d[0]), nullptr, nullptr, nullptr, static_cast<int>(dims.d[1]),
-                     nms_threshold_, detections_, nullptr, nullptr, nullptr, nullptr, 0, nullptr);
-  } catch (...) {
-    return 0;
-  }
-}
-
-int32_t NMSPlugin::enqueue(nvinfer1::PluginTensorDesc const* input_desc, nvinfer1::PluginTensorDesc const*,
-                           void const* const* inputs, void* const* outputs, void* workspace,
-                           cudaStream_t stream) noexcept {
-  try {
-    const int batch = static_cast<int>(input_desc[0].dims.d[0]), count = static_cast<int>(input_desc[0].dims.d[1]);
-    size_t bytes = cuda::nms(batch, nullptr, nullptr, nullptr, count, nms_threshold_, detections_, nullptr, nullptr,
-                             nullptr, nullptr, 0, nullptr);
-    cuda::nms(batch, static_cast<float const*>(inputs[0]), static_cast<float const*>(inputs[1]),
-              static_cast<float const*>(inputs[2]), count, nms_threshold_, detections_,
-              static_cast<float*>(outputs[0]), static_cast<float*>(outputs[1]), static_cast<float*>(outputs[2]),
-              workspace, bytes, stream);
-    return 0;
-  } catch (std::exception const&) {
-    return -1;
-  }
+void NMSPlugin::run(nvinfer1::Dims const& input, void const* const* inputs, void* const* outputs, void* workspace,
+                    cudaStream_t stream) {
+  cuda::nms(static_cast<int>(input.d[0]), static_cast<float const*>(inputs[0]), static_cast<float const*>(inputs[1]),
+            static_cast<float const*>(inputs[2]), static_cast<int>(input.d[1]), nms_threshold_, detections_,
+            static_cast<float*>(outputs[0]), static_cast<float*>(outputs[1]), static_cast<float*>(outputs[2]),
+            workspace, workspace_size(input), stream);
 }
 
 }  // namespace odtk

@@ -13,7 +13,7 @@ namespace odtk {
 constexpr char kPluginVersion[] = "1";
 constexpr char kPluginNamespace[] = "";
 
-// The typed value of field `name` in `fields`, or `fallback` when absent or of another type.
+// The values of field `name` in `fields`; empty when absent or of another type.
 template <typename T>
 std::vector<T> field_values(nvinfer1::PluginFieldCollection const* fields, const char* name,
                             nvinfer1::PluginFieldType type) {
@@ -27,7 +27,8 @@ std::vector<T> field_values(nvinfer1::PluginFieldCollection const* fields, const
   return {};
 }
 
-// Core/build/runtime capabilities in one object; Derived gives the name, the fields, shapes and enqueue.
+// Core/build/runtime capabilities in one object. Derived gives kName, kInputs, kInputDims, outputs_per_image(),
+// fields() (its serialisable members), workspace_size(max input dims) and run() (the kernel launch).
 template <typename Derived>
 class PluginBase : public nvinfer1::IPluginV3,
                    public nvinfer1::IPluginV3OneCore,
@@ -72,16 +73,55 @@ class PluginBase : public nvinfer1::IPluginV3,
                         int32_t) noexcept override {
     return 0;
   }
+  // Both plugins map inputs whose first has Derived::kInputDims dimensions [B, ...] to detections:
+  // scores [B, K], boxes [B, K, 4], classes [B, K] with K = Derived::outputs_per_image().
+  int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nb_inputs, nvinfer1::DimsExprs const*, int32_t,
+                          nvinfer1::DimsExprs* outputs, int32_t nb_outputs,
+                          nvinfer1::IExprBuilder& exprs) noexcept override {
+    if (nb_inputs != Derived::kInputs || nb_outputs != 3 || inputs[0].nbDims != Derived::kInputDims) return -1;
+    auto const* batch = inputs[0].d[0];
+    auto const* count = exprs.constant(static_cast<Derived const&>(*this).outputs_per_image());
+    outputs[0].nbDims = 2;
+    outputs[0].d[0] = batch;
+    outputs[0].d[1] = count;
+    outputs[1].nbDims = 3;
+    outputs[1].d[0] = batch;
+    outputs[1].d[1] = count;
+    outputs[1].d[2] = exprs.constant(4);
+    outputs[2] = outputs[0];
+    return 0;
+  }
+  nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override {
+    fields_ = static_cast<Derived&>(*this).fields();
+    serialized_ = nvinfer1::PluginFieldCollection{static_cast<int32_t>(fields_.size()), fields_.data()};
+    return &serialized_;
+  }
+  // Sized for the largest input the profile allows.
+  size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t,
+                          nvinfer1::DynamicPluginTensorDesc const*, int32_t) const noexcept override {
+    try {
+      return static_cast<Derived const&>(*this).workspace_size(inputs[0].max);
+    } catch (...) {
+      return 0;
+    }
+  }
+  int32_t enqueue(nvinfer1::PluginTensorDesc const* input_desc, nvinfer1::PluginTensorDesc const*,
+                  void const* const* inputs, void* const* outputs, void* workspace,
+                  cudaStream_t stream) noexcept override {
+    try {   // the kernels throw on CUDA errors; TensorRT wants a status
+      static_cast<Derived&>(*this).run(input_desc[0].dims, inputs, outputs, workspace, stream);
+      return 0;
+    } catch (...) {
+      return -1;
+    }
+  }
   // No per-context state: every context can share a copy.
   nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext*) noexcept override { return clone(); }
 
- protected:
-  // getFieldsToSerialize's storage: filled by Derived::fields(), kept alive with the plugin
-  nvinfer1::PluginFieldCollection collect(std::vector<nvinfer1::PluginField> fields) {
-    fields_ = std::move(fields);
-    return nvinfer1::PluginFieldCollection{static_cast<int32_t>(fields_.size()), fields_.data()};
-  }
+ private:
+  // getFieldsToSerialize's storage: it points into the plugin's members, and lives as long as the plugin
   std::vector<nvinfer1::PluginField> fields_;
+  nvinfer1::PluginFieldCollection serialized_{};
 };
 
 // A creator for Plugin, which lists its fields and builds it from a field collection.
