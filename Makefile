@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 DEMO ?= demo
 
-.PHONY: demo test install deps weights bench
+.PHONY: demo test install deps weights bench cuda-check tensorrt-check
 
 deps:  ## torch + torchvision, only when missing (a CPU machine here takes the wheels on its disk)
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install torch==2.14.1 torchvision==0.29.1
@@ -30,3 +30,9 @@ test: deps weights
 
 bench: install
 	$(PYTHON) benchmarks/bench_model.py
+
+cuda-check:  ## compile odtk._C's CUDA kernels + bindings with nvcc (no GPU needed); skipped without nvcc
+	PYTHON=$(PYTHON) extras/check_cuda.sh
+
+tensorrt-check:  ## compile the TensorRT plugins/Engine against TENSORRT_INCLUDE (e.g. NVIDIA/TensorRT's include/)
+	PYTHON=$(PYTHON) extras/check_tensorrt.sh $(TENSORRT_INCLUDE)

@@ -1,4 +1,5 @@
-"""ONNX export: raw heads (ODTK's TensorRT contract) or end-to-end (decode + NMS in standard ONNX ops).
+"""ONNX export: raw heads (ODTK's TensorRT contract) or end-to-end (decode + NMS in standard ONNX ops), and TensorRT
+plans (raw heads + odtk._C's decode/NMS plugins).
 
 Both graphs take a normalised, padded float image batch `input_1` [B, 3, H, W] of a fixed H, W and a
 dynamic batch. Preprocessing and classes travel in the model's metadata under the key "odtk".
@@ -7,7 +8,7 @@ import json
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -35,6 +36,7 @@ class ExportConfig:
     calibration_images: str = "."
     calibration_batches: int = 2
     calibration_table: str = ""
+    dynamic_batch_opts: Optional[Tuple[int, int, int]] = None
     verbose: bool = False
 
 
@@ -49,15 +51,20 @@ def export_size(size: Sequence[int], divisible: int) -> Tuple[int, int]:
 
 
 class RawHeads(nn.Module):
-    """input_1 -> score_1..N (sigmoid class probabilities [B, A*C, H, W]) and box_1..N (deltas [B, A*4, H, W])."""
+    """input_1 -> score_1..N (sigmoid class probabilities [B, A*C, H, W]) and box_1..N (deltas [B, A*4, H, W]).
 
-    def __init__(self, model: Model):
+    With `half` the network runs in FP16 between float32 input and outputs: TensorRT 11 builds strongly typed
+    networks only, so an FP16 engine needs FP16 in the ONNX itself."""
+
+    def __init__(self, model: Model, half: bool = False):
         super().__init__()
-        self.model = model
+        self.model = model.half() if half else model
+        self.half = half
 
     def forward(self, x: Tensor):
-        cls_heads, box_heads = self.model(x)
-        return tuple(h.sigmoid() for h in cls_heads) + tuple(box_heads)
+        cls_heads, box_heads = self.model(x.half() if self.half else x)
+        heads = tuple(h.sigmoid() for h in cls_heads) + tuple(box_heads)
+        return tuple(h.float() for h in heads) if self.half else heads
 
 
 class _NMS(torch.autograd.Function):
@@ -138,13 +145,13 @@ def metadata(model: Model, size: Tuple[int, int], flavour: str) -> dict:
 
 
 def export_onnx(model: Model, path: str, *, size: Tuple[int, int], raw_heads: bool = False, batch: int = 1,
-                opset: int = DEFAULT_OPSET) -> None:
+                opset: int = DEFAULT_OPSET, half: bool = False) -> None:
     """Write an ONNX graph with a dynamic batch axis and odtk metadata; onnx.checker must accept it."""
     import onnx
     model = model.eval().float()
     levels = len(model.strides)
     if raw_heads:
-        module = RawHeads(model)
+        module = RawHeads(model, half)
         outputs = [f"score_{i + 1}" for i in range(levels)] + [f"box_{i + 1}" for i in range(levels)]
     else:
         module = EndToEnd(model, size)
@@ -307,7 +314,7 @@ def export(cfg: ExportConfig) -> None:
     from tqdm import tqdm
     ext = os.path.splitext(cfg.output)[1].lower()
     if ext == ".plan":
-        raise OdtkError(f"{cfg.output}: TensorRT engines are not implemented yet (export .onnx)")
+        return export_plan(cfg)
     if ext != ".onnx":
         raise OdtkError(f"{cfg.output}: unknown export target (use .onnx or .plan)")
     model, _ = Model.load(cfg.model)
@@ -330,3 +337,56 @@ def export(cfg: ExportConfig) -> None:
         meta["int8"] = "s8s8 symmetric" if cfg.raw_heads else "u8s8 reduce-range"
         save_checked(onnx.load(quantized), cfg.output, meta)
         bar.update(1)
+
+
+def batch_profile(cfg: ExportConfig) -> Tuple[int, int, int]:
+    """TensorRT's (min, opt, max) batch: --dynamic-batch-opts, else 1..--batch tuned for --batch."""
+    opts = tuple(cfg.dynamic_batch_opts) if cfg.dynamic_batch_opts else (1, cfg.batch, cfg.batch)
+    if not 0 < opts[0] <= opts[1] <= opts[2]:
+        raise OdtkError(f"--dynamic-batch-opts {' '.join(map(str, opts))}: need 0 < MIN <= OPT <= MAX")
+    return opts
+
+
+def export_plan(cfg: ExportConfig) -> None:
+    """Raw-heads ONNX (FP16 network unless --full-precision; the Q/DQ INT8 graph with --int8) -> odtk._C.Engine
+    with the decode/NMS plugins -> plan, written to a temp file and renamed."""
+    from .extension import engine_class
+    engine = engine_class()   # fail in one line before minutes of work when TensorRT is absent
+    opts = batch_profile(cfg)
+    model, _ = Model.load(cfg.model)
+    size = export_size(cfg.size, model.config.size_divisible)
+    mc = model.config
+    fp16 = not cfg.full_precision and not cfg.int8
+    precision = "INT8" if cfg.int8 else "FP16" if fp16 else "FP32"
+    log.info(f"exporting {cfg.model} -> {cfg.output} (TensorRT {precision}, {size[0]}x{size[1]}, batch "
+             f"{opts[0]}/{opts[1]}/{opts[2]})")
+    meta = metadata(model, size, "plan")
+    meta.update(top_n=mc.top_n, precision=precision)
+    folder = os.path.dirname(os.path.abspath(cfg.output))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = os.path.join(tmp, "raw.onnx")
+        if cfg.int8:
+            export(replace(cfg, output=onnx_path, raw_heads=True))
+        else:
+            export_onnx(model, onnx_path, size=size, raw_heads=True, batch=opts[1], opset=cfg.opset, half=fp16)
+        with open(onnx_path, "rb") as f:
+            onnx_bytes = f.read()
+        anchors = [box_ops.generate_anchors(s, mc.ratios, mc.scales).flatten().tolist() for s in model.strides]
+        try:
+            built = engine.build(onnx_bytes, height=size[0], width=size[1], anchors=anchors,
+                                 strides=[float(s) for s in model.strides], score_threshold=mc.threshold,
+                                 top_n=mc.top_n, nms_threshold=mc.nms, detections=mc.detections, fp16=fp16,
+                                 int8=cfg.int8, batch_opts=list(opts), metadata=json.dumps(meta),
+                                 verbose=cfg.verbose)
+        except RuntimeError as e:
+            raise OdtkError(f"{cfg.output}: TensorRT build failed: {str(e).splitlines()[0][:300]}") from None
+        fd, partial = tempfile.mkstemp(prefix=".tmp-", suffix=".plan", dir=folder)
+        os.close(fd)
+        try:
+            built.save(partial)
+            os.replace(partial, cfg.output)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    log.info(f"{cfg.output}: TensorRT engine, max batch {built.max_batch}, {built.max_detections} detections")

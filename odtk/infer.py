@@ -1,4 +1,4 @@
-"""Inference over a folder or a COCO file with a .pth (PyTorch) or .onnx (ONNX Runtime) model:
+"""Inference over a folder or a COCO file with a .pth (PyTorch), .onnx (ONNX Runtime) or .plan (TensorRT) model:
 COCO detections JSON, and COCO AP when annotated."""
 import json
 import os
@@ -149,6 +149,35 @@ def run_onnx(cfg: InferConfig) -> Dict[str, float]:
     return run(predict, dataset, cfg, category_ids)
 
 
+def plan_predictor(engine, device: torch.device) -> Predict:
+    """A TensorRT engine (odtk._C.Engine) as a predict function: CPU batch in, CPU (scores, boxes, classes) out."""
+    def predict(images: Tensor):
+        scores, boxes, classes = engine.infer(images.to(device, non_blocking=True).contiguous())
+        return scores.cpu(), boxes.cpu(), classes.long().cpu()
+    return predict
+
+
+def run_plan(cfg: InferConfig) -> Dict[str, float]:
+    from .extension import engine_class
+    engine_type = engine_class()
+    if not torch.cuda.is_available():
+        raise OdtkError(f"{cfg.model}: TensorRT engines run on a CUDA GPU and none is available")
+    try:
+        engine = engine_type.load(cfg.model, cfg.verbose)
+    except RuntimeError as e:
+        raise OdtkError(f"{cfg.model}: {str(e).splitlines()[0][:300]}") from None
+    meta = json.loads(engine.metadata)
+    if cfg.batch > engine.max_batch:
+        raise OdtkError(f"--batch {cfg.batch}: the engine takes at most {engine.max_batch} images "
+                        f"(export with --batch or --dynamic-batch-opts)")
+    category_ids = meta["category_ids"]
+    dataset = CocoDataset(cfg.images, cfg.annotations, fit=tuple(engine.input_size), category_ids=category_ids,
+                          mean=meta["mean"], std=meta["std"])
+    _check_names(cfg, dataset, category_ids, meta.get("class_names"))
+    log.info(f"TensorRT {meta.get('precision', '')} engine, input {engine.input_size[0]}x{engine.input_size[1]}")
+    return run(plan_predictor(engine, torch.device("cuda")), dataset, cfg, category_ids)
+
+
 def infer(cfg: InferConfig) -> Dict[str, float]:
     ext = os.path.splitext(cfg.model)[1].lower()
     if ext == ".onnx":
@@ -156,6 +185,8 @@ def infer(cfg: InferConfig) -> Dict[str, float]:
             raise OdtkError(f"{cfg.model}: model file not found")
         return run_onnx(cfg)
     if ext == ".plan":
-        raise OdtkError(f"{cfg.model}: .plan inference is not implemented yet (this build runs .pth and .onnx)")
+        if not os.path.isfile(cfg.model):
+            raise OdtkError(f"{cfg.model}: model file not found")
+        return run_plan(cfg)
     model, _ = Model.load(cfg.model)
     return run_model(model, cfg)

@@ -81,7 +81,7 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--node-rank", type=int, default=0, help="this machine's index among --nodes (0 hosts --master)")
 
     p = sub.add_parser("infer", help="run inference (and COCO evaluation)", formatter_class=fmt)
-    p.add_argument("model", help="model: .pth (PyTorch) or .onnx (ONNX Runtime; .plan: later)")
+    p.add_argument("model", help="model: .pth (PyTorch), .onnx (ONNX Runtime) or .plan (TensorRT)")
     p.add_argument("--images", default=".", help="folder of images")
     p.add_argument("--annotations", help="COCO annotations: infer on their images and evaluate")
     p.add_argument("--output", default="detections.json", help="COCO detections JSON to write")
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> None:
                             raw_heads=args.raw_heads, opset=args.opset, full_precision=args.full_precision,
                             int8=args.int8, calibration_images=args.calibration_images,
                             calibration_batches=args.calibration_batches, calibration_table=args.calibration_table,
-                            verbose=args.verbose))
+                            dynamic_batch_opts=args.dynamic_batch_opts, verbose=args.verbose))
     elif args.command == "convert":
         from .convert import convert_voc, convert_yolo, write_coco
         if args.format == "voc":

@@ -35,7 +35,7 @@ def test_bad_master_is_rejected(capsys):
     (["train", "m.pth", "--annotations", "missing.json"], "missing.json: annotations file not found"),
     (["infer", "missing.pth", "--images", "."], "missing.pth: model file not found"),
     (["infer", "model.onnx"], "model.onnx: model file not found"),
-    (["infer", "model.plan"], ".plan inference is not implemented yet"),
+    (["infer", "model.plan"], "model.plan: model file not found"),
     (["train", "m.pth", "--annotations", "a.json", "--with-dali"], "--with-dali: the DALI loader is not implemented"),
     (["convert", "nowhere", "out.json"], "nowhere: no such folder"),
 ])

@@ -1,0 +1,42 @@
+// Decode and NMS on CUDA, shared by the torch ops (extensions.cpp) and the TensorRT plugins.
+// Every entry point follows CUB's convention: called with workspace == nullptr it only returns the
+// workspace bytes it needs (TensorRT asks for that at build time); otherwise it enqueues the work on
+// `stream` and returns 0. Inputs and outputs are float32, row-major, on the device.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace odtk {
+namespace cuda {
+
+// exp() of a larger log-ratio overflows fp16 and gives absurd boxes anyway (odtk.box.BBOX_XFORM_CLIP,
+// float(math.log(1000 / 16)))
+constexpr float kBoxXformClip = 4.135166556742356f;
+
+// One pyramid level: per image, keep scores > threshold, the top_n best, and turn their anchor deltas into
+// boxes (x1, y1, x2, y2), clipped to [0, image_w] x [0, image_h] when image_h, image_w > 0.
+//   scores  [batch, A*C, height, width]  sigmoid probabilities, channel = anchor * C + class
+//   boxes   [batch, A*4, height, width]  deltas (dx, dy, dw, dh), channel = anchor * 4 + k
+//   cell_anchors [A, 4]  anchors of the cell at (0, 0); cell (y, x) adds (x, y, x, y) * stride
+// Outputs, sorted by decreasing score and zero padded: out_scores [batch, top_n], out_boxes [batch, top_n, 4],
+// out_classes [batch, top_n] (class index as float). The kept count per image is read back on the host
+// (one stream synchronisation per image) so the sort only touches the candidates.
+size_t decode(int batch, const float* scores, const float* boxes, const float* cell_anchors, int num_anchors,
+              int num_classes, int height, int width, float stride, float threshold, int top_n, int image_h,
+              int image_w, float* out_scores, float* out_boxes, float* out_classes, void* workspace,
+              size_t workspace_size, cudaStream_t stream);
+
+// Class-aware NMS per image over `count` candidates (all levels concatenated; score <= 0 is padding):
+// sorted by decreasing score, a box is dropped when its IoU with a kept box of the same class is above
+// iou_threshold (torchvision.ops.nms's rule); the first `detections` kept boxes are written, zero padded.
+//   scores [batch, count], boxes [batch, count, 4], classes [batch, count]
+//   out_scores [batch, detections], out_boxes [batch, detections, 4], out_classes [batch, detections]
+size_t nms(int batch, const float* scores, const float* boxes, const float* classes, int count,
+           float iou_threshold, int detections, float* out_scores, float* out_boxes, float* out_classes,
+           void* workspace, size_t workspace_size, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace odtk

@@ -1,0 +1,72 @@
+// Engine: a TensorRT engine of an odtk raw-heads ONNX with the decode and NMS plugins appended, so it maps
+// a normalised image batch input_1 [B, 3, H, W] to scores [B, D], boxes [B, D, 4], classes [B, D].
+// Plain C++ (TensorRT + CUDA runtime): used by the Python extension and by extras/cppapi.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace nvinfer1 {
+class ICudaEngine;
+class IExecutionContext;
+class IRuntime;
+}  // namespace nvinfer1
+
+namespace odtk {
+
+struct BuildOptions {
+  int height = 0, width = 0;                 // input size of the ONNX graph
+  std::vector<std::vector<float>> anchors;   // per level: cell anchors [A * 4] (odtk.box.generate_anchors)
+  std::vector<float> strides;                // per level
+  float score_threshold = 0.05f;
+  int top_n = 1000;
+  float nms_threshold = 0.5f;
+  int detections = 100;
+  bool fp16 = true;                          // TensorRT < 11: builder flag; 11: the ONNX is already FP16
+  bool int8 = false;                         // the ONNX carries Q/DQ nodes (explicit quantization)
+  int min_batch = 1, opt_batch = 1, max_batch = 1;
+  size_t workspace_bytes = size_t(1) << 30;
+  std::string metadata;                      // opaque (odtk writes JSON), stored in the plan
+  bool verbose = false;
+};
+
+class Engine {
+ public:
+  // Builds from ONNX bytes; throws std::runtime_error with TensorRT's messages when it cannot.
+  Engine(const std::string& onnx, const BuildOptions& options);
+  // Loads a plan written by save().
+  explicit Engine(const std::string& plan_path, bool verbose = false);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Writes the plan: a small odtk header (magic, stride, metadata) then TensorRT's serialised engine.
+  void save(const std::string& path) const;
+  // input: device [batch, 3, H, W] float32; outputs: device buffers of [batch, D], [batch, D, 4], [batch, D].
+  void infer(int batch, const float* input, float* scores, float* boxes, float* classes, cudaStream_t stream);
+
+  std::vector<int> input_size() const;    // {height, width}
+  int stride() const { return stride_; }  // largest level stride: inputs are padded to a multiple of it
+  int max_batch() const;
+  int max_detections() const;
+  const std::string& metadata() const { return metadata_; }
+  static std::string version();           // TensorRT version this was compiled against
+
+ private:
+  void deserialize(const void* data, size_t size);
+
+  class Logger;
+  std::unique_ptr<Logger> logger_;
+  std::unique_ptr<nvinfer1::IRuntime> runtime_;
+  std::unique_ptr<nvinfer1::ICudaEngine> engine_;
+  std::unique_ptr<nvinfer1::IExecutionContext> context_;
+  std::string plan_;                      // TensorRT's serialised engine
+  std::string metadata_;
+  int stride_ = 0;
+};
+
+}  // namespace odtk

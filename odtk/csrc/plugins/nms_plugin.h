@@ -1,0 +1,33 @@
+// NMSPlugin: class-aware NMS over all levels' decoded candidates (odtk::cuda::nms) in a TensorRT network.
+// Inputs scores [B, N], boxes [B, N, 4], classes [B, N]; outputs scores [B, D], boxes [B, D, 4], classes [B, D].
+#pragma once
+
+#include <vector>
+
+#include "plugin.h"
+
+namespace odtk {
+
+class NMSPlugin : public PluginBase<NMSPlugin> {
+ public:
+  static constexpr char kName[] = "OdtkNMS";
+
+  NMSPlugin(float nms_threshold, int32_t detections);
+  explicit NMSPlugin(nvinfer1::PluginFieldCollection const* fields);
+  static std::vector<nvinfer1::PluginField> field_names();
+  static constexpr int32_t kInputs = 3, kInputDims = 2;
+  int32_t outputs_per_image() const { return detections_; }
+
+  std::vector<nvinfer1::PluginField> fields();
+  size_t workspace_size(nvinfer1::Dims const& input) const;
+  void run(nvinfer1::Dims const& input, void const* const* inputs, void* const* outputs, void* workspace,
+           cudaStream_t stream);
+
+ private:
+  void check() const;
+
+  float nms_threshold_;
+  int32_t detections_;
+};
+
+}  // namespace odtk
