@@ -30,6 +30,7 @@ class InferConfig:
     max_size: int = 1333
     full_precision: bool = False
     loader_workers: int = 2
+    with_dali: bool = False
     verbose: bool = False
 
 
@@ -57,8 +58,12 @@ def _check_names(cfg: InferConfig, dataset: CocoDataset, category_ids, class_nam
 def run(predict: Predict, dataset: CocoDataset, cfg: InferConfig, category_ids: List[int],
         size_divisible: int = 32) -> Dict[str, float]:
     """The shared loop: batches -> predict -> COCO rows -> JSON (atomically) -> evaluation."""
-    loader = make_loader(dataset, batch_size=cfg.batch, training=False, workers=cfg.loader_workers,
-                         size_divisible=size_divisible)
+    if cfg.with_dali:
+        from .dali import make_dali_loader as loader_factory
+    else:
+        loader_factory = make_loader
+    loader = loader_factory(dataset, batch_size=cfg.batch, training=False, workers=cfg.loader_workers,
+                            size_divisible=size_divisible)
     results, count, start = [], 0, time.time()
     with tqdm(total=len(dataset), desc="infer", unit="img", dynamic_ncols=True) as bar:
         for batch in loader:

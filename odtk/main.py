@@ -127,16 +127,10 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(args)
 
 
-def _not_yet(flag: str, what: str) -> OdtkError:
-    return OdtkError(f"{flag}: {what} is not implemented in this version of odtk")
-
-
 def run(args: argparse.Namespace) -> None:
     if args.command == "train":
         if args.master != MASTER:
             log.warning(f"--master {args.master}: multi-process training is not in this version; one process runs")
-        if args.with_dali:
-            raise _not_yet("--with-dali", "the DALI loader")
         if args.batch < 1 or args.iters < 1:
             raise OdtkError("--batch and --iters must be positive")
         from .data import Augment
@@ -154,16 +148,14 @@ def run(args: argparse.Namespace) -> None:
                             hue=args.augment_hue),
             anchor_ious=tuple(args.anchor_ious), anchor_scales=args.anchor_scales,
             backbone_weights=args.backbone_weights, clip_grad=args.clip_grad, loader_workers=args.loader_workers,
-            seed=args.seed, verbose=args.verbose)
+            with_dali=args.with_dali, seed=args.seed, verbose=args.verbose)
         train(cfg)
     elif args.command == "infer":
-        if args.with_dali:
-            raise _not_yet("--with-dali", "the DALI loader")
         from .infer import InferConfig, infer
         infer(InferConfig(model=args.model, images=args.images, annotations=args.annotations, output=args.output,
                           batch=args.batch, resize=args.resize, max_size=args.max_size,
                           full_precision=args.full_precision, loader_workers=args.loader_workers,
-                          verbose=args.verbose))
+                          with_dali=args.with_dali, verbose=args.verbose))
     elif args.command == "export":
         from .export import ExportConfig, export
         if args.opset < 17:

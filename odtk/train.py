@@ -46,6 +46,7 @@ class TrainConfig:
     backbone_weights: Optional[str] = None
     clip_grad: float = 0.0
     loader_workers: int = 2
+    with_dali: bool = False
     seed: int = 0
     verbose: bool = False
 
@@ -152,8 +153,12 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
     if iteration >= iters:
         log.info(f"{cfg.model} already trained for {iteration} iterations (--iters {iters}); use --override to restart")
         return {}
-    loader = make_loader(dataset, batch_size=cfg.batch, training=True, workers=cfg.loader_workers,
-                         size_divisible=model.config.size_divisible, seed=cfg.seed)
+    if cfg.with_dali:
+        from .dali import make_dali_loader as loader_factory
+    else:
+        loader_factory = make_loader
+    loader = loader_factory(dataset, batch_size=cfg.batch, training=True, workers=cfg.loader_workers,
+                            size_divisible=model.config.size_divisible, seed=cfg.seed)
     amp = device.type == "cuda" and not cfg.full_precision
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     metrics = Metrics(cfg.logdir, cfg.post_metrics)
@@ -234,5 +239,5 @@ def validate(model: Model, cfg: TrainConfig, category_ids) -> Dict[str, float]:
     out = os.path.splitext(cfg.model)[0] + "-val-detections.json"
     icfg = InferConfig(model=cfg.model, images=cfg.val_images or cfg.images, annotations=cfg.val_annotations,
                        output=out, batch=cfg.batch, resize=cfg.resize, max_size=cfg.max_size,
-                       loader_workers=cfg.loader_workers)
+                       loader_workers=cfg.loader_workers, with_dali=cfg.with_dali)
     return run_model(model.eval(), icfg)
