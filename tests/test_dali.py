@@ -62,11 +62,26 @@ def test_inference_parity_on_bccd(dali, bccd_subset, resize, max_size):
         assert torch.equal(l, rl)
         assert (b / r - rb / rr).abs().max() < 1                  # within 1 px in original coordinates
         assert (b / r - ds.boxes[i]).abs().max() < 1
-        assert (x - rx).abs().mean() < 0.1                        # same pixels up to resampling differences
+        assert (x - rx).abs().mean() < 0.01                       # BCCD: 0.0024, a seventh of a grey level
     padded = next(iter(_loader(ds, batch_size=4, size_divisible=32)))
     reference = next(iter(make_loader(ds, batch_size=4, training=False, workers=0, size_divisible=32)))
     assert [t.shape for t in padded] == [t.shape for t in reference]
     assert [t.dtype for t in padded] == [t.dtype for t in reference]
+
+
+def test_sizes_round_like_python_on_ties(dali, tmp_path):
+    from PIL import Image
+    images = []
+    for i, width in enumerate((101, 103, 30), 1):       # ratio 0.5: 50.5 -> 50 and 51.5 -> 52 (half to even)
+        Image.new("RGB", (width, 30), (i * 60, 90, 30)).save(tmp_path / f"{i}.jpg")
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": width, "height": 30})
+    (tmp_path / "a.json").write_text(json.dumps({"images": images, "annotations": [],
+                                                 "categories": [{"id": 1, "name": "x"}]}))
+    ds = CocoDataset(str(tmp_path), str(tmp_path / "a.json"), resize=15, max_size=1000)
+    ours = _by_id(_loader(ds, size_divisible=1))
+    ref = _by_id(make_loader(ds, batch_size=1, training=False, workers=0, size_divisible=1))
+    assert [ours[i][0].shape for i in (1, 2, 3)] == [ref[i][0].shape for i in (1, 2, 3)]
+    assert [ours[i][0].shape[2] for i in (1, 2, 3)] == [50, 52, 15]
 
 
 def test_category_ids_10_20_30_map_like_pytorch(dali, synthetic):
@@ -157,7 +172,8 @@ def test_cli_train_and_infer_with_dali(dali, trained, tmp_path, caplog):
                   loader_workers=0)
     torch_ap = infer(InferConfig(output=str(tmp_path / "t.json"), **common))
     dali_ap = infer(InferConfig(output=str(tmp_path / "d.json"), with_dali=True, **common))
-    assert torch_ap["AP"] > 0.05 and abs(dali_ap["AP"] - torch_ap["AP"]) < 0.01
+    assert torch_ap["AP"] > 0
+    assert abs(dali_ap["AP"] - torch_ap["AP"]) < 0.01 and abs(dali_ap["AP50"] - torch_ap["AP50"]) < 0.01
     ids = sorted({r["image_id"] for r in json.load(open(tmp_path / "d.json"))})
     assert ids == sorted({r["image_id"] for r in json.load(open(tmp_path / "t.json"))})
     # a few training iterations through the CLI, validation included, both on DALI
