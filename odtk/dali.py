@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -69,9 +69,11 @@ def _pipeline(dataset: CocoDataset, annotations: str, *, batch_size: int, traini
                   exec_dynamic=True)
     def coco():
         jpegs, boxes, labels, ids = fn.readers.coco(
-            name="Reader", file_root=dataset.root, annotations_file=annotations, ltrb=True, image_ids=True, avoid_class_remapping=True,
-            skip_empty=False, size_threshold=1e-6, shard_id=rank, num_shards=world_size,
-            random_shuffle=training, pad_last_batch=not training, seed=seed)
+            name="Reader", file_root=dataset.root, annotations_file=annotations, ltrb=True, image_ids=True,
+            avoid_class_remapping=True,             # the file's category ids, for the lookup table below
+            skip_empty=False, size_threshold=1e-6,  # keep images without boxes and every box CocoDataset kept
+            shard_id=rank, num_shards=world_size, random_shuffle=training, seed=seed,
+            pad_last_batch=not training)            # whole batches per shard; the iterator drops the padding
         images = fn.decoders.image(jpegs, device="mixed" if gpu is not None else "cpu", output_type=types.RGB)
         shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.FLOAT64)    # H, W as displayed (EXIF applied)
         h, w = shape[0], shape[1]

@@ -240,6 +240,14 @@ class _Collate:
         return collate(samples, self.size_divisible, self.pad_to)
 
 
+def loader_factory(with_dali: bool):
+    """make_loader, or for --with-dali odtk.dali.make_dali_loader: the same arguments, the same batches."""
+    if with_dali:
+        from .dali import make_dali_loader
+        return make_dali_loader
+    return make_loader
+
+
 def make_loader(dataset: CocoDataset, *, batch_size: int, training: bool, workers: int = 2,
                 size_divisible: int = 32, rank: int = 0, world_size: int = 1, seed: int = 0) -> DataLoader:
     sampler = None

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .data import CocoDataset, make_loader
+from .data import CocoDataset, loader_factory
 from .evaluate import evaluate
 from .model import Model
 from .utils import OdtkError, atomic_write_text, cpu_threads, log
@@ -58,12 +58,8 @@ def _check_names(cfg: InferConfig, dataset: CocoDataset, category_ids, class_nam
 def run(predict: Predict, dataset: CocoDataset, cfg: InferConfig, category_ids: List[int],
         size_divisible: int = 32) -> Dict[str, float]:
     """The shared loop: batches -> predict -> COCO rows -> JSON (atomically) -> evaluation."""
-    if cfg.with_dali:
-        from .dali import make_dali_loader as loader_factory
-    else:
-        loader_factory = make_loader
-    loader = loader_factory(dataset, batch_size=cfg.batch, training=False, workers=cfg.loader_workers,
-                            size_divisible=size_divisible)
+    loader = loader_factory(cfg.with_dali)(dataset, batch_size=cfg.batch, training=False,
+                                           workers=cfg.loader_workers, size_divisible=size_divisible)
     results, count, start = [], 0, time.time()
     with tqdm(total=len(dataset), desc="infer", unit="img", dynamic_ncols=True) as bar:
         for batch in loader:

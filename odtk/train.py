@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from .backbones import find_weights, load_imagenet
-from .data import Augment, CocoDataset, make_loader
+from .data import Augment, CocoDataset, loader_factory
 from .model import Model, ModelConfig
 from .utils import OdtkError, cpu_threads, log
 
@@ -153,12 +153,8 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
     if iteration >= iters:
         log.info(f"{cfg.model} already trained for {iteration} iterations (--iters {iters}); use --override to restart")
         return {}
-    if cfg.with_dali:
-        from .dali import make_dali_loader as loader_factory
-    else:
-        loader_factory = make_loader
-    loader = loader_factory(dataset, batch_size=cfg.batch, training=True, workers=cfg.loader_workers,
-                            size_divisible=model.config.size_divisible, seed=cfg.seed)
+    loader = loader_factory(cfg.with_dali)(dataset, batch_size=cfg.batch, training=True, workers=cfg.loader_workers,
+                                           size_divisible=model.config.size_divisible, seed=cfg.seed)
     amp = device.type == "cuda" and not cfg.full_precision
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     metrics = Metrics(cfg.logdir, cfg.post_metrics)
