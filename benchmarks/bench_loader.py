@@ -3,13 +3,14 @@ vs odtk's DALI loader (CPU unless CUDA is present), same images, same batch, sam
 
 Usage: python benchmarks/bench_loader.py [--images DIR --annotations FILE] [--batch 4] [--workers 2]
 Default data: BCCD trainval (converted on the fly) from ../shared/data/bccd, at odtk's BCCD training resolution
-(shorter side 224-288, longer side at most 352). Images/s of one full epoch after a warm-up epoch.
+(shorter side 224-288, longer side at most 352). Images/s: the best epoch after a warm-up one; CPU ms/image:
+CPU time of the loader's processes and threads per image, which neighbours on shared cores do not inflate.
 """
 import argparse
 import os
 import tempfile
 import time
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Tuple
 
 import torch
 import torchvision.transforms as T
@@ -40,25 +41,45 @@ class PlainDataset(Dataset):
             return self.transform(im.convert("RGB"))
 
 
-def epoch_rate(loader: Iterable) -> float:
-    """Images/s over one epoch."""
-    start, n = time.perf_counter(), 0
+def cpu_seconds() -> float:
+    """CPU time used so far by this process (every thread: DALI's) and its live children (DataLoader workers;
+    Linux /proc). Unlike wall time it does not grow when neighbours take the shared cores."""
+    t = os.times()
+    total, tick, me = t.user + t.system, os.sysconf("SC_CLK_TCK"), os.getpid()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()     # after the command name: state, ppid, ...
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+def epoch(loader: Iterable) -> Tuple[int, float, float]:
+    """(images, wall seconds, CPU seconds) of one epoch."""
+    start, cpu, n = time.perf_counter(), cpu_seconds(), 0
     for batch in loader:
         n += (batch if isinstance(batch, torch.Tensor) else batch[0]).shape[0]
-    return n / (time.perf_counter() - start)
+    return n, time.perf_counter() - start, cpu_seconds() - cpu
 
 
-def best_rates(loaders: Dict[str, Iterable], rounds: int) -> Dict[str, float]:
-    """Best images/s of each loader over `rounds` rounds, after a warm-up epoch (worker start-up and the page
-    cache not counted). Rounds interleave the loaders so a busy neighbour on the shared cores slows them alike;
-    the best epoch is the one least disturbed."""
+def measure(loaders: Dict[str, Iterable], rounds: int) -> Dict[str, Tuple[float, float]]:
+    """Per loader: best images/s over `rounds` epochs, and CPU milliseconds per image over all of them, after a
+    warm-up epoch (worker start-up and the page cache not counted). Rounds interleave the loaders so a busy
+    neighbour on the shared cores slows them alike; the best epoch is the one least disturbed."""
     for loader in loaders.values():
-        epoch_rate(loader)
+        epoch(loader)
     best = {name: 0.0 for name in loaders}
+    cpu = {name: [0, 0.0] for name in loaders}
     for _ in range(rounds):
         for name, loader in loaders.items():
-            best[name] = max(best[name], epoch_rate(loader))
-    return best
+            n, wall, used = epoch(loader)
+            best[name] = max(best[name], n / wall)
+            cpu[name][0] += n
+            cpu[name][1] += used
+    return {name: (best[name], 1000 * cpu[name][1] / cpu[name][0]) for name in loaders}
 
 
 def main() -> None:
@@ -98,14 +119,14 @@ def main() -> None:
         except OdtkError as e:      # DALI not installed: the table says so instead of stopping
             missing = str(e)
     load = os.getloadavg()[0]
-    rates = best_rates(loaders, args.rounds)
-    base = next(iter(rates.values()))
+    results = measure(loaders, args.rounds)
+    base_rate, base_cpu = next(iter(results.values()))
     print(f"\n{len(files)} images, batch {args.batch}, {args.workers} workers/threads, shorter side "
           f"{args.jitter[0]}-{args.jitter[1]} (baseline {middle}), longer <= {args.max_size}, best of "
           f"{args.rounds} epochs; load average {load:.2f} before, {os.getloadavg()[0]:.2f} after\n")
-    print("| loader | images/s | vs baseline |\n|---|---|---|")
-    for name, rate in rates.items():
-        print(f"| {name} | {rate:.1f} | {rate / base:.2f}x |")
+    print("| loader | images/s | vs baseline | CPU ms/image | vs baseline |\n|---|---|---|---|---|")
+    for name, (rate, cpu) in results.items():
+        print(f"| {name} | {rate:.1f} | {rate / base_rate:.2f}x | {cpu:.2f} | {base_cpu / cpu:.2f}x |")
     if missing:
         print(f"DALI rows missing: {missing}")
     tmp.cleanup()

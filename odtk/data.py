@@ -13,7 +13,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image, read_file
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 from .convert import IMAGE_EXTENSIONS
 from .utils import OdtkError, log
@@ -218,7 +218,14 @@ def collate(samples: list, size_divisible: int = 32, pad_to: Optional[Tuple[int,
     h = max(s[0].shape[1] for s in samples)
     w = max(s[0].shape[2] for s in samples)
     h, w = pad_to or (int(math.ceil(v / size_divisible) * size_divisible) for v in (h, w))
-    images = samples[0][0].new_zeros(len(samples), 3, h, w)
+    shape = (len(samples), 3, h, w)
+    if get_worker_info() is not None:
+        # in a DataLoader worker the batch goes to the main process through shared memory: build it there
+        # (as torch's default_collate does), saving a copy and a round of page faults per batch
+        storage = samples[0][0]._typed_storage()._new_shared(math.prod(shape))
+        images = samples[0][0].new(storage).view(shape).zero_()
+    else:
+        images = samples[0][0].new_zeros(shape)
     m = max(1, max(s[1].shape[0] for s in samples))
     boxes = torch.zeros(len(samples), m, 4)
     labels = torch.full((len(samples), m), -1, dtype=torch.long)
