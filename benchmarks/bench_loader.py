@@ -2,6 +2,7 @@
 vs odtk's DALI loader (CPU unless CUDA is present), same images, same batch, same number of workers/threads.
 
 Usage: python benchmarks/bench_loader.py [--images DIR --annotations FILE] [--batch 4] [--workers 2]
+(--workers 0: everything in one thread of the main process, i.e. the per-image cost without process hand-offs)
 Default data: BCCD trainval (converted on the fly) from ../shared/data/bccd, at odtk's BCCD training resolution
 (shorter side 224-288, longer side at most 352). Images/s: the best epoch after a warm-up one; CPU ms/image:
 CPU time of the loader's processes and threads per image, which neighbours on shared cores do not inflate.
@@ -92,6 +93,9 @@ def main() -> None:
     parser.add_argument("--max-size", type=int, default=352)
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per loader (the best is shown)")
     args = parser.parse_args()
+    # the main process only receives batches (or, with --workers 0, does the per-image work itself): one
+    # intra-op thread, as in DataLoader workers, instead of a pool spinning over 100 kB tensors
+    torch.set_num_threads(1)
     tmp = tempfile.TemporaryDirectory()
     annotations = args.annotations
     if not annotations:

@@ -84,6 +84,26 @@ def test_sizes_round_like_python_on_ties(dali, tmp_path):
     assert [ours[i][0].shape[2] for i in (1, 2, 3)] == [50, 52, 15]
 
 
+def test_exif_orientation_and_grayscale_like_pytorch(dali, tmp_path):
+    from PIL import Image
+    exif = Image.Exif()
+    exif[0x0112] = 6                                   # rotated 90 degrees: displayed 30 x 40
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "exif.jpg", exif=exif)
+    Image.new("L", (40, 30), 128).save(tmp_path / "gray.png")
+    images = [{"id": 1, "file_name": "exif.jpg", "width": 30, "height": 40},
+              {"id": 2, "file_name": "gray.png", "width": 40, "height": 30}]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 10, 10, 20], "iscrowd": 0}]
+    (tmp_path / "a.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                 "categories": [{"id": 1, "name": "x"}]}))
+    ds = CocoDataset(str(tmp_path), str(tmp_path / "a.json"), resize=30, max_size=100)
+    ours = _by_id(_loader(ds, size_divisible=1))
+    ref = _by_id(make_loader(ds, batch_size=1, training=False, workers=0, size_divisible=1))
+    for i in (1, 2):
+        assert ours[i][0].shape == ref[i][0].shape and torch.allclose(ours[i][1], ref[i][1], atol=1e-3)
+        assert (ours[i][0] - ref[i][0]).abs().max() < 0.1
+    assert ours[1][0].shape == (3, 40, 30)
+
+
 def test_category_ids_10_20_30_map_like_pytorch(dali, synthetic):
     images, _, val = synthetic
     ds = CocoDataset(images, val, resize=100, max_size=120)
