@@ -35,6 +35,18 @@ def _by_id(loader):
     return out
 
 
+def _alone(ds):
+    """Every image alone (batch 1, stride 1: tensors of exactly the resized size) from DALI and from PyTorch."""
+    return (_by_id(_loader(ds, size_divisible=1)),
+            _by_id(make_loader(ds, batch_size=1, training=False, workers=0, size_divisible=1)))
+
+
+def _small_coco(folder, images, annotations, resize: int) -> CocoDataset:
+    (folder / "a.json").write_text(json.dumps({"images": images, "annotations": list(annotations),
+                                               "categories": [{"id": 1, "name": "x"}]}))
+    return CocoDataset(str(folder), str(folder / "a.json"), resize=resize, max_size=1000)
+
+
 @pytest.fixture(scope="module")
 def bccd_subset(bccd, tmp_path_factory):
     """20 BCCD test images as COCO (VOC -> COCO with odtk's converter)."""
@@ -52,9 +64,7 @@ def bccd_subset(bccd, tmp_path_factory):
 def test_inference_parity_on_bccd(dali, bccd_subset, resize, max_size):
     images, annotations = bccd_subset
     ds = CocoDataset(images, annotations, resize=resize, max_size=max_size)
-    # batch 1 and stride 1: every image tensor has exactly its resized size
-    ours = _by_id(_loader(ds, size_divisible=1))
-    ref = _by_id(make_loader(ds, batch_size=1, training=False, workers=0, size_divisible=1))
+    ours, ref = _alone(ds)
     assert sorted(ours) == sorted(ref) == sorted(ds.ids)
     for i, (x, b, l, r) in ours.items():
         rx, rb, rl, rr = ref[i]
@@ -75,11 +85,7 @@ def test_sizes_round_like_python_on_ties(dali, tmp_path):
     for i, width in enumerate((101, 103, 30), 1):       # ratio 0.5: 50.5 -> 50 and 51.5 -> 52 (half to even)
         Image.new("RGB", (width, 30), (i * 60, 90, 30)).save(tmp_path / f"{i}.jpg")
         images.append({"id": i, "file_name": f"{i}.jpg", "width": width, "height": 30})
-    (tmp_path / "a.json").write_text(json.dumps({"images": images, "annotations": [],
-                                                 "categories": [{"id": 1, "name": "x"}]}))
-    ds = CocoDataset(str(tmp_path), str(tmp_path / "a.json"), resize=15, max_size=1000)
-    ours = _by_id(_loader(ds, size_divisible=1))
-    ref = _by_id(make_loader(ds, batch_size=1, training=False, workers=0, size_divisible=1))
+    ours, ref = _alone(_small_coco(tmp_path, images, [], resize=15))
     assert [ours[i][0].shape for i in (1, 2, 3)] == [ref[i][0].shape for i in (1, 2, 3)]
     assert [ours[i][0].shape[2] for i in (1, 2, 3)] == [50, 52, 15]
 
@@ -93,11 +99,7 @@ def test_exif_orientation_and_grayscale_like_pytorch(dali, tmp_path):
     images = [{"id": 1, "file_name": "exif.jpg", "width": 30, "height": 40},
               {"id": 2, "file_name": "gray.png", "width": 40, "height": 30}]
     anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 10, 10, 20], "iscrowd": 0}]
-    (tmp_path / "a.json").write_text(json.dumps({"images": images, "annotations": anns,
-                                                 "categories": [{"id": 1, "name": "x"}]}))
-    ds = CocoDataset(str(tmp_path), str(tmp_path / "a.json"), resize=30, max_size=100)
-    ours = _by_id(_loader(ds, size_divisible=1))
-    ref = _by_id(make_loader(ds, batch_size=1, training=False, workers=0, size_divisible=1))
+    ours, ref = _alone(_small_coco(tmp_path, images, anns, resize=30))
     for i in (1, 2):
         assert ours[i][0].shape == ref[i][0].shape and torch.allclose(ours[i][1], ref[i][1], atol=1e-3)
         assert (ours[i][0] - ref[i][0]).abs().max() < 0.1
