@@ -177,6 +177,16 @@ def test_sharding_covers_every_image_once(dali, synthetic):
     assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == len(seen[1]) == 12
 
 
+def test_what_the_dali_pipeline_does_not_do_is_refused(dali, synthetic):
+    from odtk.dali import make_dali_loader
+    images, train, _ = synthetic
+    rotate = CocoDataset(images, train, jitter=(64, 64), max_size=64, augment=Augment(rotate=True))
+    with pytest.raises(OdtkError, match="--augment-rotate is not in the DALI pipeline"):
+        make_dali_loader(rotate, batch_size=2, training=True)
+    with pytest.raises(OdtkError, match="fixed-size \\(ONNX\\) models"):
+        make_dali_loader(CocoDataset(images, train, fit=(128, 128)), batch_size=2, training=False)
+
+
 def test_missing_dali_says_how_to_install(synthetic, monkeypatch):
     from odtk.dali import make_dali_loader
     images, _, val = synthetic
