@@ -111,7 +111,7 @@ setup(
     install_requires=["torch>=2.1", "torchvision>=0.16", "pycocotools", "pillow", "numpy", "tqdm", "requests",
                       "tensorboardX"],
     extras_require={
-        "test": ["pytest", "onnx", "onnxruntime", "onnxscript"],
+        "test": ["pytest", "onnx", "onnxruntime", "onnxscript", "nvidia-dali-cuda130"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "dali": ["nvidia-dali-cuda130"],
     },

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .data import CocoDataset, make_loader
+from .data import CocoDataset, loader_factory
 from .distributed import Context, gather
 from .evaluate import evaluate
 from .model import Model
@@ -31,6 +31,7 @@ class InferConfig:
     max_size: int = 1333
     full_precision: bool = False
     loader_workers: int = 2
+    with_dali: bool = False
     verbose: bool = False
 
 
@@ -59,10 +60,12 @@ def run(predict: Predict, dataset: CocoDataset, cfg: InferConfig, category_ids: 
         size_divisible: int = 32, ctx: Context = Context()) -> Dict[str, float]:
     """The shared loop: batches -> predict -> COCO rows -> JSON (atomically) -> evaluation.
     Distributed: each rank takes its shard, rank 0 gathers, writes and evaluates (other ranks return {})."""
-    loader = make_loader(dataset, batch_size=cfg.batch, training=False, workers=cfg.loader_workers,
-                         size_divisible=size_divisible, rank=ctx.rank, world_size=ctx.world_size)
+    loader = loader_factory(cfg.with_dali)(dataset, batch_size=cfg.batch, training=False,
+                                           workers=cfg.loader_workers, size_divisible=size_divisible,
+                                           rank=ctx.rank, world_size=ctx.world_size)
     results, count, start = [], 0, time.time()
-    bar = tqdm(total=len(loader.sampler), desc="infer", unit="img", dynamic_ncols=True, disable=ctx.rank != 0)
+    shard = len(range(ctx.rank, len(dataset), ctx.world_size))
+    bar = tqdm(total=shard, desc="infer", unit="img", dynamic_ncols=True, disable=ctx.rank != 0)
     with bar:
         for batch in loader:
             if batch is None:

@@ -140,14 +140,8 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(args)
 
 
-def _not_yet(flag: str, what: str) -> OdtkError:
-    return OdtkError(f"{flag}: {what} is not implemented in this version of odtk")
-
-
 def run(args: argparse.Namespace) -> None:
     if args.command == "train":
-        if args.with_dali:
-            raise _not_yet("--with-dali", "the DALI loader")
         from .data import Augment
         from .train import TrainConfig, train
         cfg = TrainConfig(
@@ -164,16 +158,14 @@ def run(args: argparse.Namespace) -> None:
             anchor_ious=tuple(args.anchor_ious), anchor_scales=args.anchor_scales,
             backbone_weights=args.backbone_weights, clip_grad=args.clip_grad, loader_workers=args.loader_workers,
             seed=args.seed, ema=args.ema, workers=args.workers, nodes=args.nodes, node_rank=args.node_rank,
-            master=args.master, verbose=args.verbose)
+            master=args.master, with_dali=args.with_dali, verbose=args.verbose)
         train(cfg)
     elif args.command == "infer":
-        if args.with_dali:
-            raise _not_yet("--with-dali", "the DALI loader")
         from .infer import InferConfig, infer
         infer(InferConfig(model=args.model, images=args.images, annotations=args.annotations, output=args.output,
                           batch=args.batch, resize=args.resize, max_size=args.max_size,
                           full_precision=args.full_precision, loader_workers=args.loader_workers,
-                          verbose=args.verbose))
+                          with_dali=args.with_dali, verbose=args.verbose))
     elif args.command == "export":
         from .export import ExportConfig, export
         if args.opset < 17:

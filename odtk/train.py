@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .backbones import find_weights, load_imagenet
-from .data import Augment, CocoDataset, make_loader
+from .data import Augment, CocoDataset, loader_factory
 from .distributed import MASTER, Context, StopRequest, launch, local_workers, torchrun_context
 from .model import Model, ModelConfig
 from .utils import OdtkError, log
@@ -56,6 +56,7 @@ class TrainConfig:
     backbone_weights: Optional[str] = None
     clip_grad: float = 0.0
     loader_workers: int = 2
+    with_dali: bool = False
     seed: int = 0
     ema: float = 0.0                 # EMA decay of the weights; 0: off
     workers: Optional[int] = None    # processes on this node: default one per GPU, else 1
@@ -258,9 +259,9 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
         log.info(f"{cfg.model} already trained for {iteration} iterations (--iters {iters}); use --override to restart")
         return {}
     per_rank = batch // ctx.world_size
-    loader = make_loader(dataset, batch_size=per_rank, training=True, workers=cfg.loader_workers,
-                         size_divisible=model.config.size_divisible, rank=ctx.rank, world_size=ctx.world_size,
-                         seed=cfg.seed)
+    loader = loader_factory(cfg.with_dali)(dataset, batch_size=per_rank, training=True, workers=cfg.loader_workers,
+                                           size_divisible=model.config.size_divisible, rank=ctx.rank,
+                                           world_size=ctx.world_size, seed=cfg.seed)
     steps_per_epoch = loader.sampler.batches
     net = model
     if ctx.distributed:
@@ -374,5 +375,5 @@ def validate(model: Model, cfg: TrainConfig, ctx: Context = Context()) -> Dict[s
     per_rank = (cfg.batch or 2 * ctx.world_size) // ctx.world_size
     icfg = InferConfig(model=cfg.model, images=cfg.val_images or cfg.images, annotations=cfg.val_annotations,
                        output=out, batch=per_rank, resize=cfg.resize, max_size=cfg.max_size,
-                       loader_workers=cfg.loader_workers)
+                       loader_workers=cfg.loader_workers, with_dali=cfg.with_dali)
     return run_model(model.eval(), icfg, ctx)

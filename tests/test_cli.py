@@ -36,7 +36,6 @@ def test_bad_master_is_rejected(capsys):
     (["infer", "missing.pth", "--images", "."], "missing.pth: model file not found"),
     (["infer", "model.onnx"], "model.onnx: model file not found"),
     (["infer", "model.plan"], "model.plan: model file not found"),
-    (["train", "m.pth", "--annotations", "a.json", "--with-dali"], "--with-dali: the DALI loader is not implemented"),
     (["convert", "nowhere", "out.json"], "nowhere: no such folder"),
 ])
 def test_error_paths(argv, message, caplog, tmp_path, monkeypatch):

@@ -1,0 +1,189 @@
+"""NVIDIA DALI loaders (`--with-dali`): the batches of `odtk.data.make_loader`, decoded and augmented by DALI.
+
+One pipeline on DALI's `fn` API for training and inference: `fn.readers.coco` (sharded, shuffled, image ids
+kept), decode (`mixed`, i.e. nvJPEG, when CUDA is present, else CPU with `device_id=None`), the resize rule of
+`odtk.data.resize_ratio` with the PyTorch loader's rounding, flip and colour jitter, normalisation, padding to
+the stride, and ragged boxes/labels padded with `fn.pad` so `DALIGenericIterator` can batch them.
+"""
+import json
+import os
+import shutil
+import tempfile
+import weakref
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .data import CocoDataset
+from .utils import OdtkError, log
+
+INSTALL = "--with-dali needs NVIDIA DALI: pip install 'odtk[dali]' (nvidia-dali-cuda130)"
+OUTPUTS = ["images", "boxes", "labels", "ids", "ratios"]
+MAX_CATEGORY_ID = 65535      # fn.lookup_table keys must lie in [0, 65535]
+
+
+def _import_dali():
+    try:
+        import nvidia.dali  # noqa: F401  (the error names the extra; DALI itself is imported where it is used)
+    except ImportError:
+        raise OdtkError(INSTALL) from None
+
+
+def _reader_annotations(dataset: CocoDataset, folder: str) -> str:
+    """The boxes CocoDataset kept (crowd, zero-area and outside boxes dropped, the rest clipped), as COCO JSON
+    with the original category ids: both loaders then read the same boxes, and DALI maps the ids itself."""
+    images, annotations = [], []
+    for image_id in dataset.ids:
+        images.append({"id": image_id, "file_name": dataset.files[image_id]})
+        boxes = dataset.boxes.get(image_id, torch.zeros(0, 4)).tolist()
+        labels = dataset.labels.get(image_id, torch.zeros(0, dtype=torch.long)).tolist()
+        for (x1, y1, x2, y2), label in zip(boxes, labels):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": dataset.category_ids[label], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    path = os.path.join(folder, "annotations.json")
+    with open(path, "w") as f:
+        json.dump({"images": images, "annotations": annotations,
+                   "categories": [{"id": c, "name": str(c)} for c in dataset.category_ids]}, f)
+    return path
+
+
+def _round_half_even(x):
+    """Python's round() on a DALI float64 node: sizes then equal the PyTorch loader's to the pixel."""
+    import nvidia.dali.math as dmath
+    r = dmath.floor(x + 0.5)
+    odd = r - 2.0 * dmath.floor(r * 0.5)
+    return r - odd * (r - x == 0.5)      # a tie rounded up to an odd number goes back down to the even one
+
+
+def _pipeline(dataset: CocoDataset, annotations: str, *, batch_size: int, training: bool, size_divisible: int,
+              rank: int, world_size: int, seed: int, workers: int, gpu: Optional[int]):
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, pipeline_def, types
+
+    aug = dataset.augment if training else None
+    jitter = dataset.jitter if training else None
+
+    @pipeline_def(batch_size=batch_size, num_threads=max(1, workers), device_id=gpu, seed=seed + rank,
+                  exec_dynamic=True)
+    def coco():
+        jpegs, boxes, labels, ids = fn.readers.coco(
+            name="Reader", file_root=dataset.root, annotations_file=annotations, ltrb=True, image_ids=True,
+            avoid_class_remapping=True,             # the file's category ids, for the lookup table below
+            skip_empty=False, size_threshold=1e-6,  # keep images without boxes and every box CocoDataset kept
+            shard_id=rank, num_shards=world_size, random_shuffle=training, seed=seed,
+            pad_last_batch=not training)            # whole batches per shard; the iterator drops the padding
+        images = fn.decoders.image(jpegs, device="mixed" if gpu is not None else "cpu", output_type=types.RGB)
+        shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.FLOAT64)    # H, W as displayed (EXIF applied)
+        h, w = shape[0], shape[1]
+        if jitter:
+            resize = fn.random.uniform(values=[float(v) for v in range(jitter[0], jitter[1] + 1)],
+                                       dtype=types.FLOAT64)
+        else:
+            resize = float(dataset.resize)
+        # resize_ratio() step by step in float64: shorter side to `resize`, capped so longer <= max_size
+        short, long = dmath.min(w, h), dmath.max(w, h)
+        ratio = resize / short
+        capped = ratio * long > dataset.max_size
+        ratio = capped * (dataset.max_size / long) + (1 - capped) * ratio
+        out_h = dmath.max(_round_half_even(h * ratio), 1.0)
+        out_w = dmath.max(_round_half_even(w * ratio), 1.0)
+        images = fn.resize(images, resize_x=fn.cast(out_w, dtype=types.FLOAT),
+                           resize_y=fn.cast(out_h, dtype=types.FLOAT), interp_type=types.INTERP_LINEAR)
+        # boxes: pixels of the original -> [0, 1] (bb_flip works there) -> pixels of the resized image
+        boxes = boxes / fn.cast(fn.stack(w, h, w, h), dtype=types.FLOAT)
+        mirror = 0
+        if aug is not None and aug.flip:
+            mirror = fn.random.coin_flip(probability=0.5)
+            boxes = fn.bb_flip(boxes, ltrb=True, horizontal=mirror)
+        boxes = boxes * fn.cast(fn.stack(out_w, out_h, out_w, out_h), dtype=types.FLOAT)
+        if aug is not None and (aug.brightness or aug.contrast or aug.saturation or aug.hue):
+            images = fn.color_twist(images, **_color_args(aug))
+        images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
+                                          mean=[255 * m for m in dataset.mean], std=[255 * s for s in dataset.std])
+        images = fn.pad(images, axes=(1, 2), align=size_divisible, fill_value=0)
+        boxes = fn.pad(boxes, axes=(0,), fill_value=0)          # collate() pads box rows with 0 ...
+        labels = fn.lookup_table(labels, keys=list(dataset.category_ids),
+                                 values=list(range(len(dataset.category_ids))), default_value=-1,
+                                 dtype=types.INT64)
+        labels = fn.pad(fn.reshape(labels, shape=[-1]), axes=(0,), fill_value=-1)   # ... and labels with -1
+        return images, boxes, labels, ids, ratio
+    return coco()
+
+
+def _color_args(aug) -> dict:
+    """torchvision's factor ranges as DALI's: brightness/contrast/saturation x U(1-a, 1+a), hue in degrees."""
+    from nvidia.dali import fn
+    args = {}
+    for name in ("brightness", "contrast", "saturation"):
+        a = getattr(aug, name)
+        if a:
+            args[name] = fn.random.uniform(range=[1 - a, 1 + a])
+    if aug.hue:
+        args["hue"] = fn.random.uniform(range=[-360 * aug.hue, 360 * aug.hue])   # TF.adjust_hue: turns
+    return args
+
+
+class DaliLoader:
+    """Iterates one epoch per `for` loop, yielding (images, boxes, labels, ids, ratios) like make_loader.
+
+    Training drops the last partial batch (as make_loader); inference returns every image of the shard exactly
+    once (DALI's reader pads the shard, the iterator removes the padding). A loop left early resumes where it
+    stopped the next time, as DALI iterators do.
+    """
+
+    def __init__(self, dataset: CocoDataset, *, batch_size: int, training: bool, size_divisible: int, rank: int,
+                 world_size: int, seed: int, workers: int):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        self._tmp = tempfile.mkdtemp(prefix="odtk-dali-")
+        weakref.finalize(self, shutil.rmtree, self._tmp, True)
+        annotations = _reader_annotations(dataset, self._tmp)
+        gpu = rank % torch.cuda.device_count() if torch.cuda.is_available() else None
+        self.device = "cpu" if gpu is None else f"cuda:{gpu}"
+        pipe = _pipeline(dataset, annotations, batch_size=batch_size, training=training,
+                         size_divisible=size_divisible, rank=rank, world_size=world_size, seed=seed,
+                         workers=workers, gpu=gpu)
+        self._iterator = DALIGenericIterator(
+            [pipe], OUTPUTS, reader_name="Reader", auto_reset=True,
+            last_batch_policy=LastBatchPolicy.DROP if training else LastBatchPolicy.PARTIAL)
+        self.sampler = self     # train() positions the epoch through loader.sampler (start, batches)
+        log.info(f"DALI {'training' if training else 'inference'} loader on {self.device}, "
+                 f"shard {rank + 1}/{world_size}, {len(self)} batches per epoch")
+
+    @property
+    def batches(self) -> int:
+        """Batches per epoch (TrainSampler's name)."""
+        return len(self)
+
+    def start(self, epoch: int, batch: int = 0) -> None:
+        """Nothing to position: DALI's reader keeps its place and reshuffles every epoch from its own seed, so
+        with --with-dali a resumed run sees another image order (exact resume needs the PyTorch loader)."""
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def __iter__(self) -> Iterator[Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+        for out in self._iterator:
+            b = out[0]
+            boxes, labels = b["boxes"], b["labels"]
+            if boxes.shape[1] == 0:         # collate() keeps one (empty) row when no image has a box
+                boxes = boxes.new_zeros(boxes.shape[0], 1, 4)
+                labels = labels.new_full((labels.shape[0], 1), -1)
+            yield (b["images"], boxes, labels, b["ids"].reshape(-1).long(),
+                   b["ratios"].reshape(-1).to(torch.float64))
+
+
+def make_dali_loader(dataset: CocoDataset, *, batch_size: int, training: bool, workers: int = 2,
+                     size_divisible: int = 32, rank: int = 0, world_size: int = 1, seed: int = 0) -> DaliLoader:
+    """make_loader's batches from DALI: same arguments, same tuple; GPU decode when CUDA is present, else CPU."""
+    _import_dali()
+    if dataset.fit:
+        raise OdtkError("--with-dali: fixed-size (ONNX) models are loaded with the PyTorch loader; drop --with-dali")
+    if training and dataset.augment.rotate:
+        raise OdtkError("--with-dali: --augment-rotate is not in the DALI pipeline; drop one of the two")
+    bad = [c for c in dataset.category_ids if not 0 <= c <= MAX_CATEGORY_ID]
+    if bad:
+        raise OdtkError(f"--with-dali: category ids {bad[:5]} are outside DALI's lookup range 0..{MAX_CATEGORY_ID}")
+    return DaliLoader(dataset, batch_size=batch_size, training=training, size_divisible=size_divisible, rank=rank,
+                      world_size=world_size, seed=seed, workers=workers)
