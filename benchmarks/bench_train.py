@@ -11,9 +11,9 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
+from bench_model import timed     # this folder is on sys.path when the script runs
 
 from odtk.model import Model, ModelConfig
 from odtk.utils import cpu_threads
@@ -74,13 +74,7 @@ def step_time(backbone: str, bf16: bool, reps: int) -> float:
         (losses["cls"] + losses["box"]).backward()
         opt.step()
 
-    step()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        step()
-        best = min(best, time.perf_counter() - t)
-    return best
+    return timed(step, reps)
 
 
 def main():

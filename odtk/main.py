@@ -128,13 +128,6 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--val", type=int, default=50, help="validation images")
     p.add_argument("--size", type=int, default=256, help="image side")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
-                   help="keep an exponential moving average of the weights (e.g. 0.9999) for validation and export "
-                        "(0: off)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="training processes on this machine (DDP): default one per GPU; on CPU 1 (N > 1: gloo)")
-    p.add_argument("--nodes", type=int, default=1, help="machines taking part (multi-node: same command on each)")
-    p.add_argument("--node-rank", type=int, default=0, help="this machine's index among --nodes (0 hosts --master)")
     for sub_parser in sub.choices.values():   # --verbose also after the command (ODTK's `export ... --verbose`)
         sub_parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="more detail")
     return parser.parse_args(args)
