@@ -219,7 +219,7 @@ def train(cfg: TrainConfig) -> Optional[Dict[str, float]]:
 
 
 def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]:
-    """One worker's training loop (the only one without DDP). Returns loss figures and the per-iteration losses."""
+    """One worker's training loop (DDP when ctx has several). Returns loss figures and the per-iteration losses."""
     torch.manual_seed(cfg.seed)
     device = ctx.device
     batch = cfg.batch if cfg.batch is not None else 2 * ctx.world_size
