@@ -267,6 +267,9 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
     if ctx.distributed:
         if device.type == "cuda" and not model.config.pretrained:   # trainable BN: statistics over all GPUs
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif not model.config.pretrained:
+            log.warning("trainable BatchNorm with gloo: each process normalises with its own batch statistics "
+                        "(PyTorch's SyncBatchNorm is GPU-only)")
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     metrics = Metrics(cfg.logdir, cfg.post_metrics) if ctx.rank == 0 else Metrics(None, None)
 
