@@ -96,6 +96,7 @@ def random_crop_window(width: int, height: int, boxes: Tensor, rng) -> Optional[
 
 
 def _valid_crop(boxes: Tensor, window: Tuple[int, int, int, int], threshold: float) -> bool:
+    """Some box has IoU >= threshold with the window and some box centre is inside it (the crop keeps a box)."""
     x1, y1, x2, y2 = window
     iw = (boxes[:, 2].clamp(max=x2) - boxes[:, 0].clamp(min=x1)).clamp(min=0)
     ih = (boxes[:, 3].clamp(max=y2) - boxes[:, 1].clamp(min=y1)).clamp(min=0)
@@ -113,7 +114,7 @@ def crop_boxes(boxes: Tensor, labels: Tensor, window: Tuple[int, int, int, int])
     """Boxes whose centre lies in the window, clipped to it, in its coordinates; zero-area ones dropped."""
     x1, y1, x2, y2 = window
     keep = _centres_inside(boxes, window)
-    boxes = (boxes[keep] - torch.tensor([x1, y1, x1, y1], dtype=boxes.dtype))
+    boxes = boxes[keep] - torch.tensor([x1, y1, x1, y1], dtype=boxes.dtype)
     boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([x2 - x1, y2 - y1] * 2, dtype=boxes.dtype))
     labels = labels[keep]
     area = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
