@@ -2,8 +2,9 @@
 
 One pipeline on DALI's `fn` API for training and inference: `fn.readers.coco` (sharded, shuffled, image ids
 kept), decode (`mixed`, i.e. nvJPEG, when CUDA is present, else CPU with `device_id=None`), the optional SSD
-crop (`fn.random_bbox_crop`, `fn.slice`), the resize rule of `odtk.data.resize_ratio` with the PyTorch loader's rounding, flip and colour jitter, normalisation, padding to
-the stride, and ragged boxes/labels padded with `fn.pad` so `DALIGenericIterator` can batch them.
+crop (`fn.random_bbox_crop`, `fn.slice`), the resize rule of `odtk.data.resize_ratio` with the PyTorch
+loader's rounding, flip and colour jitter, normalisation, padding to the stride, and ragged boxes/labels padded
+with `fn.pad` so `DALIGenericIterator` can batch them.
 """
 import json
 import os

@@ -86,9 +86,9 @@ def test_train_with_augment_crop(synthetic, tmp_path, monkeypatch, with_dali):
     monkeypatch.setattr(odtk.train, "CocoDataset", dataset)
     images, train, _ = synthetic
     out = str(tmp_path / "m.pth")
-    argv = ["train", out, "--annotations", train, "--images", images, "--backbone", "MobileNetV2FPN", "--batch", "2",
-            "--iters", "2", "--warmup", "1", "--resize", "128", "--max-size", "128", "--jitter", "96", "128",
-            "--loader-workers", "0", "--augment-crop"] + (["--with-dali"] if with_dali else [])
+    argv = ["train", out, "--annotations", train, "--images", images, "--backbone", "MobileNetV2FPN",
+            "--batch", "2", "--iters", "2", "--warmup", "1", "--resize", "128", "--max-size", "128",
+            "--jitter", "96", "128", "--loader-workers", "0", "--augment-crop"] + (["--with-dali"] if with_dali else [])
     weights = mobilenet_weights()
     if weights:
         argv += ["--backbone-weights", weights]

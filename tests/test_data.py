@@ -175,7 +175,8 @@ def test_augment_crop_is_seeded_keeps_boxes_inside_and_off_changes_nothing(synth
         seed = 1000 + i
         x, b, l, image_id, r = crop[(i, seed)]
         x2, b2, l2, _, r2 = crop[(i, seed)]
-        assert torch.equal(x, x2) and torch.equal(b, b2) and torch.equal(l, l2) and r == r2   # (index, seed) decides
+        # (index, seed) alone decides the sample
+        assert torch.equal(x, x2) and torch.equal(b, b2) and torch.equal(l, l2) and r == r2
         assert min(x.shape[1:]) == 96 and r >= 0.75                       # the crop is resized like an image
         assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
         assert b.min() >= 0 and (b[:, 2] <= x.shape[2] + 1e-3).all() and (b[:, 3] <= x.shape[1] + 1e-3).all()
