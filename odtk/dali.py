@@ -1,9 +1,10 @@
 """NVIDIA DALI loaders (`--with-dali`): the batches of `odtk.data.make_loader`, decoded and augmented by DALI.
 
 One pipeline on DALI's `fn` API for training and inference: `fn.readers.coco` (sharded, shuffled, image ids
-kept), decode (`mixed`, i.e. nvJPEG, when CUDA is present, else CPU with `device_id=None`), the resize rule of
-`odtk.data.resize_ratio` with the PyTorch loader's rounding, flip and colour jitter, normalisation, padding to
-the stride, and ragged boxes/labels padded with `fn.pad` so `DALIGenericIterator` can batch them.
+kept), decode (`mixed`, i.e. nvJPEG, when CUDA is present, else CPU with `device_id=None`), the optional SSD
+crop (`fn.random_bbox_crop`, `fn.slice`), the resize rule of `odtk.data.resize_ratio` with the PyTorch
+loader's rounding, flip and colour jitter, normalisation, padding to the stride, and ragged boxes/labels padded
+with `fn.pad` so `DALIGenericIterator` can batch them.
 """
 import json
 import os
@@ -15,7 +16,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .data import CocoDataset
+from .data import CROP_ASPECT, CROP_ATTEMPTS, CROP_SCALING, CROP_THRESHOLDS, CocoDataset
 from .utils import OdtkError, log
 
 INSTALL = "--with-dali needs NVIDIA DALI: pip install 'odtk[dali]' (nvidia-dali-cuda130)"
@@ -77,6 +78,11 @@ def _pipeline(dataset: CocoDataset, annotations: str, *, batch_size: int, traini
         images = fn.decoders.image(jpegs, device="mixed" if gpu is not None else "cpu", output_type=types.RGB)
         shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.FLOAT64)    # H, W as displayed (EXIF applied)
         h, w = shape[0], shape[1]
+        # boxes: pixels of the original -> [0, 1] (random_bbox_crop and bb_flip work there)
+        boxes = boxes / fn.cast(fn.stack(w, h, w, h), dtype=types.FLOAT)
+        labels = fn.reshape(labels, shape=[-1])
+        if aug is not None and aug.crop:    # before the resize, so the jitter and max_size size the crop
+            images, boxes, labels, w, h = _random_crop(images, boxes, labels, w, h)
         if jitter:
             resize = fn.random.uniform(values=[float(v) for v in range(jitter[0], jitter[1] + 1)],
                                        dtype=types.FLOAT64)
@@ -91,13 +97,11 @@ def _pipeline(dataset: CocoDataset, annotations: str, *, batch_size: int, traini
         out_w = dmath.max(_round_half_even(w * ratio), 1.0)
         images = fn.resize(images, resize_x=fn.cast(out_w, dtype=types.FLOAT),
                            resize_y=fn.cast(out_h, dtype=types.FLOAT), interp_type=types.INTERP_LINEAR)
-        # boxes: pixels of the original -> [0, 1] (bb_flip works there) -> pixels of the resized image
-        boxes = boxes / fn.cast(fn.stack(w, h, w, h), dtype=types.FLOAT)
         mirror = 0
         if aug is not None and aug.flip:
             mirror = fn.random.coin_flip(probability=0.5)
             boxes = fn.bb_flip(boxes, ltrb=True, horizontal=mirror)
-        boxes = boxes * fn.cast(fn.stack(out_w, out_h, out_w, out_h), dtype=types.FLOAT)
+        boxes = boxes * fn.cast(fn.stack(out_w, out_h, out_w, out_h), dtype=types.FLOAT)   # [0, 1] -> pixels
         if aug is not None and (aug.brightness or aug.contrast or aug.saturation or aug.hue):
             images = fn.color_twist(images, **_color_args(aug))
         images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
@@ -107,9 +111,34 @@ def _pipeline(dataset: CocoDataset, annotations: str, *, batch_size: int, traini
         labels = fn.lookup_table(labels, keys=list(dataset.category_ids),
                                  values=list(range(len(dataset.category_ids))), default_value=-1,
                                  dtype=types.INT64)
-        labels = fn.pad(fn.reshape(labels, shape=[-1]), axes=(0,), fill_value=-1)   # ... and labels with -1
+        labels = fn.pad(labels, axes=(0,), fill_value=-1)       # ... and labels with -1
         return images, boxes, labels, ids, ratio
     return coco()
+
+
+def _random_crop(images, boxes, labels, w, h):
+    """odtk.data.random_crop_window's SSD crop with fn.random_bbox_crop: the same thresholds, scaling, aspect
+    ratio (in pixels: input_shape) and rule (some box above the threshold). Returns the cropped image, boxes in
+    [0, 1] of the crop, their labels and the crop's width and height (float64 pixels) for the resize maths."""
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
+    anchor, extent, boxes, labels = fn.random_bbox_crop(
+        boxes, labels, bbox_layout="xyXY", thresholds=list(CROP_THRESHOLDS), scaling=list(CROP_SCALING),
+        aspect_ratio=list(CROP_ASPECT), allow_no_crop=True, num_attempts=CROP_ATTEMPTS,
+        all_boxes_above_threshold=False, input_shape=fn.cast(fn.stack(w, h), dtype=types.INT32),
+        shape_layout="WH")
+    anchor, extent = fn.cast(anchor, dtype=types.FLOAT64), fn.cast(extent, dtype=types.FLOAT64)
+    # whole pixels as the PyTorch loader's window; the boxes (relative to the exact window) move with it
+    x1, y1 = _round_half_even(anchor[0] * w), _round_half_even(anchor[1] * h)
+    cw = dmath.max(_round_half_even((anchor[0] + extent[0]) * w) - x1, 1.0)
+    ch = dmath.max(_round_half_even((anchor[1] + extent[1]) * h) - y1, 1.0)
+    images = fn.slice(images, fn.cast(fn.stack(x1, y1), dtype=types.FLOAT),
+                      fn.cast(fn.stack(cw, ch), dtype=types.FLOAT), axis_names="WH", normalized_anchor=False,
+                      normalized_shape=False, out_of_bounds_policy="pad")   # float slack at the edge
+    scale = fn.cast(fn.stack(extent[0] * w / cw, extent[1] * h / ch), dtype=types.FLOAT)
+    shift = fn.cast(fn.stack((anchor[0] * w - x1) / cw, (anchor[1] * h - y1) / ch), dtype=types.FLOAT)
+    boxes = dmath.clamp(boxes * fn.cat(scale, scale) + fn.cat(shift, shift), 0.0, 1.0)
+    return images, boxes, labels, cw, ch
 
 
 def _color_args(aug) -> dict:

@@ -29,6 +29,14 @@ class Augment:
     contrast: float = 0.0
     saturation: float = 0.0
     hue: float = 0.0
+    crop: bool = False      # SSD-style random crop keeping boxes, before the resize (random_crop_window)
+
+
+# SSD's random crop as ODTK's DALI pipeline set up fn.random_bbox_crop; odtk.dali passes these same values
+CROP_THRESHOLDS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)    # minimum IoU of the crop with at least one box
+CROP_SCALING = (0.3, 1.0)                           # each crop side as a fraction of the image side
+CROP_ASPECT = (0.5, 2.0)                            # crop width / height, in pixels
+CROP_ATTEMPTS = 50                                  # windows tried per threshold before drawing another
 
 
 def load_image(path: str) -> Tensor:
@@ -61,6 +69,56 @@ def resize_ratio(width: int, height: int, resize: int, max_size: int) -> float:
     if ratio * max(width, height) > max_size:
         ratio = max_size / max(width, height)
     return ratio
+
+
+def random_crop_window(width: int, height: int, boxes: Tensor, rng) -> Optional[Tuple[int, int, int, int]]:
+    """An SSD-style crop (x1, y1, x2, y2) in whole pixels, or None to keep the whole image.
+
+    DALI's fn.random_bbox_crop rule (all_boxes_above_threshold=False), so both loaders crop alike: draw "no crop"
+    or a minimum IoU from CROP_THRESHOLDS; try CROP_ATTEMPTS windows with sides U(0.3, 1) of the image's and an
+    aspect ratio in [0.5, 2]; a window is valid when some box has IoU >= the threshold with it and some box
+    centre lies inside it (an image without boxes takes any window). After CROP_ATTEMPTS failures draw again:
+    "no crop" is one of the draws, so the loop ends.
+    """
+    while True:
+        threshold = rng.choice((None, *CROP_THRESHOLDS))
+        if threshold is None:
+            return None
+        for _ in range(CROP_ATTEMPTS):
+            w, h = rng.uniform(*CROP_SCALING) * width, rng.uniform(*CROP_SCALING) * height
+            if not CROP_ASPECT[0] <= w / h <= CROP_ASPECT[1]:
+                continue
+            x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
+            x1, y1 = min(round(x), width - 1), min(round(y), height - 1)
+            window = (x1, y1, max(x1 + 1, round(x + w)), max(y1 + 1, round(y + h)))   # >= 1 pixel
+            if not len(boxes) or _valid_crop(boxes, window, threshold):
+                return window
+
+
+def _valid_crop(boxes: Tensor, window: Tuple[int, int, int, int], threshold: float) -> bool:
+    """Some box has IoU >= threshold with the window and some box centre is inside it (the crop keeps a box)."""
+    x1, y1, x2, y2 = window
+    iw = (boxes[:, 2].clamp(max=x2) - boxes[:, 0].clamp(min=x1)).clamp(min=0)
+    ih = (boxes[:, 3].clamp(max=y2) - boxes[:, 1].clamp(min=y1)).clamp(min=0)
+    inter = iw * ih
+    union = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) + (x2 - x1) * (y2 - y1) - inter
+    return bool((inter / union >= threshold).any()) and bool(_centres_inside(boxes, window).any())
+
+
+def _centres_inside(boxes: Tensor, window: Tuple[int, int, int, int]) -> Tensor:
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    return (cx >= window[0]) & (cx <= window[2]) & (cy >= window[1]) & (cy <= window[3])
+
+
+def crop_boxes(boxes: Tensor, labels: Tensor, window: Tuple[int, int, int, int]) -> Tuple[Tensor, Tensor]:
+    """Boxes whose centre lies in the window, clipped to it, in its coordinates; zero-area ones dropped."""
+    x1, y1, x2, y2 = window
+    keep = _centres_inside(boxes, window)
+    boxes = boxes[keep] - torch.tensor([x1, y1, x1, y1], dtype=boxes.dtype)
+    boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([x2 - x1, y2 - y1] * 2, dtype=boxes.dtype))
+    labels = labels[keep]
+    area = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return boxes[area], labels[area]
 
 
 def read_coco(path: str) -> dict:
@@ -171,6 +229,11 @@ class CocoDataset(Dataset):
             return None
         boxes = self.boxes.get(image_id, torch.zeros(0, 4)).clone()
         labels = self.labels.get(image_id, torch.zeros(0, dtype=torch.long))
+        if self.augment.crop:   # before the resize, so --jitter and --max-size size the crop
+            window = random_crop_window(x.shape[2], x.shape[1], boxes, rng)
+            if window is not None:
+                x = x[:, window[1]:window[3], window[0]:window[2]]
+                boxes, labels = crop_boxes(boxes, labels, window)
         height, width = x.shape[1:]
         if self.fit:
             ratio = min(self.fit[0] / height, self.fit[1] / width)

@@ -57,6 +57,8 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--post-metrics", metavar="URL", help="POST metrics as JSON to this URL")
     p.add_argument("--with-dali", action="store_true", help="load data with NVIDIA DALI")
     p.add_argument("--augment-rotate", action="store_true", help="random quarter-turn rotations")
+    p.add_argument("--augment-crop", action="store_true",
+                   help="random crop keeping boxes (SSD-style min-IoU), before the resize")
     p.add_argument("--augment-brightness", type=float, default=0.002, help="brightness jitter")
     p.add_argument("--augment-contrast", type=float, default=0.002, help="contrast jitter")
     p.add_argument("--augment-saturation", type=float, default=0.002, help="saturation jitter")
@@ -147,7 +149,7 @@ def run(args: argparse.Namespace) -> None:
             logdir=args.logdir, post_metrics=args.post_metrics,
             augment=Augment(flip=True, rotate=args.augment_rotate, brightness=args.augment_brightness,
                             contrast=args.augment_contrast, saturation=args.augment_saturation,
-                            hue=args.augment_hue),
+                            hue=args.augment_hue, crop=args.augment_crop),
             anchor_ious=tuple(args.anchor_ious), anchor_scales=args.anchor_scales,
             backbone_weights=args.backbone_weights, clip_grad=args.clip_grad, loader_workers=args.loader_workers,
             seed=args.seed, ema=args.ema, workers=args.workers, nodes=args.nodes, node_rank=args.node_rank,

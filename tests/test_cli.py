@@ -3,8 +3,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import mobilenet_weights
 
+import odtk.train
 from odtk.main import main, parse
+from odtk.model import Model
 
 
 def test_defaults_follow_odtk():
@@ -14,7 +17,7 @@ def test_defaults_follow_odtk():
     assert a.lr == 0.01 and a.warmup == 1000 and a.gamma == 0.1 and a.regularization_l2 == 1e-4
     assert a.val_iters == 8000 and a.anchor_ious == [0.4, 0.5] and a.augment_hue == 0.0002
     assert a.augment_brightness == a.augment_contrast == a.augment_saturation == 0.002
-    assert a.master == "127.0.0.1:29500"
+    assert a.master == "127.0.0.1:29500" and not a.augment_crop
     e = parse(["export", "m.pth", "m.onnx"])
     assert e.size == [1280] and e.batch == 2 and e.calibration_batches == 2
 
@@ -68,3 +71,26 @@ def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "odtk", "infer", "nothere.pth"], capture_output=True, text=True)
     assert out.returncode == 2 and "nothere.pth: model file not found" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("with_dali", [False, True])
+def test_train_with_augment_crop(synthetic, tmp_path, monkeypatch, with_dali):
+    if with_dali:
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    seen = []
+    real = odtk.train.CocoDataset
+
+    def dataset(*args, **kwargs):       # the training set is built with the crop on
+        seen.append(kwargs.get("augment"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(odtk.train, "CocoDataset", dataset)
+    images, train, _ = synthetic
+    out = str(tmp_path / "m.pth")
+    argv = ["train", out, "--annotations", train, "--images", images, "--backbone", "MobileNetV2FPN",
+            "--batch", "2", "--iters", "2", "--warmup", "1", "--resize", "128", "--max-size", "128",
+            "--jitter", "96", "128", "--loader-workers", "0", "--augment-crop"] + (["--with-dali"] if with_dali else [])
+    weights = mobilenet_weights()
+    if weights:
+        argv += ["--backbone-weights", weights]
+    assert main(argv) == 0
+    assert seen[0].crop and Model.load(out)[1]["iteration"] == 2

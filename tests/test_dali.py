@@ -165,6 +165,47 @@ def test_training_boxes_inside_the_image_and_labels_in_range(dali, synthetic):
     assert count == 12 and len(sizes) > 3                       # one epoch per loop; the jitter varies
 
 
+def test_training_crop_keeps_boxes_inside_and_labels_mapped(dali, synthetic):
+    images, train, _ = synthetic
+    ds = CocoDataset(images, train, jitter=(96, 96), max_size=1000, augment=Augment(flip=True, crop=True))
+    loader = _loader(ds, batch_size=1, training=True, size_divisible=1)      # batch 1: the exact resized size
+    cropped = matched = 0
+    for epoch in range(2):
+        for i, (x, b, l, r) in _by_id(loader).items():
+            assert min(x.shape[1:]) == 96 and r >= 0.75                     # the crop resized like an image
+            original = ds.labels[i].tolist()
+            assert len(l) >= min(1, len(original)) and l.min() >= 0 and l.max() <= 2
+            assert all(l.tolist().count(c) <= original.count(c) for c in set(l.tolist()))   # mapped, a subset
+            assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+            assert b.min() >= 0 and (b[:, 2] <= x.shape[2] + 1e-3).all() and (b[:, 3] <= x.shape[1] + 1e-3).all()
+            cropped += r > 0.75 + 1e-9 or len(l) < len(original)             # uncropped: 128 px -> 96
+            matched += _unclipped_boxes_cover_their_objects(ds, x, b, l, i, r)
+    assert cropped >= 16                                                      # of 48 samples; "no crop" is 1/7
+    assert matched >= 20
+
+
+def _unclipped_boxes_cover_their_objects(ds, x, boxes, labels, image_id, ratio) -> int:
+    """Boxes of an object's size (not clipped by the crop) lie on that object: the middle of the box has the
+    mean colour of the original box's middle (synthetic objects are flat colours). Returns how many matched."""
+    from odtk.data import load_image
+    image = x * torch.tensor(ds.std)[:, None, None] + torch.tensor(ds.mean)[:, None, None]
+    original = load_image(os.path.join(ds.root, ds.files[image_id])).float() / 255
+
+    def middle(im, box):
+        x1, y1, x2, y2 = box.tolist()
+        w, h = x2 - x1, y2 - y1
+        return im[:, int(y1 + 0.4 * h):int(y2 - 0.4 * h) + 1, int(x1 + 0.4 * w):int(x2 - 0.4 * w) + 1].mean((1, 2))
+    matched = 0
+    for b, l in zip(boxes, labels):
+        size = (b[2:] - b[:2]) / ratio
+        same = [o for o, ol in zip(ds.boxes[image_id], ds.labels[image_id])
+                if ol == l and ((o[2:] - o[:2]) - size).abs().max() < 1.5]
+        if same:
+            assert min((middle(image, b) - middle(original, o)).abs().max() for o in same) < 0.03
+            matched += 1
+    return matched
+
+
 def test_sharding_covers_every_image_once(dali, synthetic):
     images, train, _ = synthetic
     ds = CocoDataset(images, train, resize=64, max_size=64)

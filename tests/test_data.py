@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from odtk.data import Augment, CocoDataset, collate, make_loader, resize_ratio
+from odtk.data import Augment, CocoDataset, collate, crop_boxes, make_loader, random_crop_window, resize_ratio
 from odtk.utils import OdtkError
 
 
@@ -135,3 +135,62 @@ def test_bccd_loader(bccd, tmp_path):
         assert labels[valid].max() <= 2
         if n == 3:
             break
+
+
+def test_crop_boxes_keeps_centres_inside_clips_and_shifts():
+    boxes = torch.tensor([[10.0, 10, 30, 30], [0, 0, 12, 12], [35, 5, 60, 25], [45, 45, 50, 50]])
+    labels = torch.tensor([0, 1, 2, 1])
+    b, l = crop_boxes(boxes, labels, (5, 5, 40, 40))     # centres 20, 6, 47.5 (out), 47.5 (out)
+    assert l.tolist() == [0, 1]
+    assert b.tolist() == [[5, 5, 25, 25], [0, 0, 7, 7]]
+
+
+def test_crop_window_follows_the_ssd_rule():
+    import random
+    boxes = torch.tensor([[40.0, 30, 120, 90]])
+    rng, crops = random.Random(5), 0
+    for _ in range(300):
+        window = random_crop_window(200, 100, boxes, rng)
+        if window is None:
+            continue
+        crops += 1
+        x1, y1, x2, y2 = window
+        assert 0 <= x1 < x2 <= 200 and 0 <= y1 < y2 <= 100
+        assert 0.3 * 200 - 1 <= x2 - x1 and 0.3 * 100 - 1 <= y2 - y1
+        assert 0.5 * 0.9 <= (x2 - x1) / (y2 - y1) <= 2 / 0.9            # whole pixels round the aspect ratio
+        assert x1 <= 80 <= x2 and y1 <= 60 <= y2                          # the one box's centre is inside
+    assert 0.6 * 300 < crops < 0.95 * 300                                # "no crop" is one draw in seven
+    empty = [random_crop_window(200, 100, torch.zeros(0, 4), random.Random(s)) for s in range(50)]
+    assert any(w is None for w in empty) and any(w is not None for w in empty)   # no boxes: any window
+
+
+def test_augment_crop_is_seeded_keeps_boxes_inside_and_off_changes_nothing(synthetic):
+    import random
+    images, train, _ = synthetic
+    crop = CocoDataset(images, train, jitter=(96, 96), max_size=1000, augment=Augment(flip=True, crop=True))
+    off = CocoDataset(images, train, jitter=(96, 96), max_size=1000, augment=Augment(flip=True))
+    plain = CocoDataset(images, train, resize=96, max_size=1000)
+    cropped = 0
+    for i in range(len(crop)):
+        seed = 1000 + i
+        x, b, l, image_id, r = crop[(i, seed)]
+        x2, b2, l2, _, r2 = crop[(i, seed)]
+        # (index, seed) alone decides the sample
+        assert torch.equal(x, x2) and torch.equal(b, b2) and torch.equal(l, l2) and r == r2
+        assert min(x.shape[1:]) == 96 and r >= 0.75                       # the crop is resized like an image
+        assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+        assert b.min() >= 0 and (b[:, 2] <= x.shape[2] + 1e-3).all() and (b[:, 3] <= x.shape[1] + 1e-3).all()
+        original = crop.labels[image_id].tolist()
+        assert len(l) >= min(1, len(original))                           # a crop keeps some box centre
+        assert all(l.tolist().count(c) <= original.count(c) for c in set(l.tolist()))   # a subset of the labels
+        cropped += x.shape[1:] != (96, 96) or len(l) < len(original) or r != 0.75
+        # crop off: exactly the uncropped sample, the seed's draws unchanged (the jitter's, then the flip's)
+        xo, bo, lo, _, ro = off[(i, seed)]
+        xp, bp, lp, _, rp = plain[i]
+        rng = random.Random(seed)
+        rng.randint(96, 96)
+        flipped = rng.random() < 0.5
+        assert torch.equal(xo, xp.flip(-1) if flipped else xp) and torch.equal(lo, lp) and ro == rp
+        mirrored = torch.stack([96 - bp[:, 2], bp[:, 1], 96 - bp[:, 0], bp[:, 3]], 1)
+        assert torch.allclose(bo, mirrored if flipped else bp)
+    assert cropped >= len(crop) // 3
