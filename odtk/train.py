@@ -74,11 +74,7 @@ def lr_factor(iteration: int, *, warmup: int, milestones, gamma: float) -> float
 
 
 def build_model(cfg: TrainConfig, dataset: CocoDataset) -> Tuple[Model, dict]:
-    """Resume `cfg.model` if it exists (unless --override), else a new model, optionally --fine-tune'd."""
-    if os.path.exists(cfg.model) and not cfg.override:
-        model, state = Model.load(cfg.model, ema=False)
-        log.info(f"resuming {cfg.model} at iteration {state.get('iteration', 0)}")
-        return model, state
+    """A new model for `dataset`, optionally --fine-tune'd (resuming is `Model.load(cfg.model, ema=False)`)."""
     num_classes = len(dataset.category_ids)
     if cfg.classes is not None:
         if cfg.classes < num_classes:
@@ -225,13 +221,17 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
     batch = cfg.batch if cfg.batch is not None else 2 * ctx.world_size
     if batch % ctx.world_size:
         raise OdtkError(f"--batch {batch} does not split evenly over {ctx.world_size} workers")
-    resuming = os.path.exists(cfg.model) and not cfg.override
-    category_ids = Model.load(cfg.model, ema=False)[0].config.category_ids if resuming else None
+    resumed = Model.load(cfg.model, ema=False) if os.path.exists(cfg.model) and not cfg.override else None
     dataset = CocoDataset(cfg.images, cfg.annotations, resize=cfg.resize, max_size=cfg.max_size,
-                          jitter=cfg.jitter, augment=cfg.augment, category_ids=category_ids)
+                          jitter=cfg.jitter, augment=cfg.augment,
+                          category_ids=resumed[0].config.category_ids if resumed else None)
     if cfg.val_annotations:   # fail on a bad validation set now, not hours into training
         CocoDataset(cfg.val_images or cfg.images, cfg.val_annotations, category_ids=dataset.category_ids)
-    model, state = build_model(cfg, dataset)
+    if resumed:
+        model, state = resumed
+        log.info(f"resuming {cfg.model} at iteration {state.get('iteration', 0)}")
+    else:
+        model, state = build_model(cfg, dataset)
     model = model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.regularization_l2)
