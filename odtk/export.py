@@ -18,7 +18,7 @@ from torch import Tensor
 from . import __version__
 from . import box as box_ops
 from .model import Model
-from .utils import OdtkError, log
+from .utils import OdtkError, atomic_path, log
 
 DEFAULT_OPSET = 17
 
@@ -182,16 +182,8 @@ def save_checked(proto, path: str, meta: dict) -> None:
     entry = proto.metadata_props.add()
     entry.key, entry.value = "odtk", json.dumps(meta)
     onnx.checker.check_model(proto)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path, ".onnx") as tmp:
         onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_metadata(path: str) -> dict:
@@ -362,8 +354,6 @@ def export_plan(cfg: ExportConfig) -> None:
              f"{opts[0]}/{opts[1]}/{opts[2]})")
     meta = metadata(model, size, "plan")
     meta.update(top_n=mc.top_n, precision=precision)
-    folder = os.path.dirname(os.path.abspath(cfg.output))
-    os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = os.path.join(tmp, "raw.onnx")
         if cfg.int8:
@@ -381,12 +371,6 @@ def export_plan(cfg: ExportConfig) -> None:
                                  verbose=cfg.verbose)
         except RuntimeError as e:
             raise OdtkError(f"{cfg.output}: TensorRT build failed: {str(e).splitlines()[0][:300]}") from None
-        fd, partial = tempfile.mkstemp(prefix=".tmp-", suffix=".plan", dir=folder)
-        os.close(fd)
-        try:
+        with atomic_path(cfg.output, ".plan") as partial:
             built.save(partial)
-            os.replace(partial, cfg.output)
-        finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
     log.info(f"{cfg.output}: TensorRT engine, max batch {built.max_batch}, {built.max_detections} detections")

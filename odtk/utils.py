@@ -1,8 +1,9 @@
 """Small shared helpers: user-facing errors, logging, atomic saves, threads."""
+import contextlib
 import logging
 import os
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -17,35 +18,33 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(format="%(message)s", level=logging.DEBUG if verbose else logging.INFO)
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file."""
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
+    """A temp file name beside `path` to write to; renamed to `path` when the block succeeds, removed otherwise:
+    a crash or a signal never leaves half a file, and the old one stays until the new one is whole."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save through atomic_path, synced to disk before the rename."""
+    with atomic_path(path, ".pth") as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(text: str, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def cpu_threads() -> int:
