@@ -36,6 +36,13 @@ def engine_class():
     return ext.Engine
 
 
+def _kernels() -> ModuleType:
+    ext, why = load()
+    if ext is None:
+        raise OdtkError(f"odtk's CUDA kernels are not built ({why[:120]}); {BUILD_HINT}")
+    return ext
+
+
 def cuda_kernels_available() -> bool:
     return torch.cuda.is_available() and load()[0] is not None
 
@@ -46,9 +53,7 @@ def decode(cls_heads: Sequence[Tensor], box_heads: Sequence[Tensor], cell_anchor
     """odtk.box.decode on the CUDA kernels, from head logits (probabilities with sigmoid=False): per image, every
     level's top_n candidates concatenated -> scores [B, L*top_n] (0 = padding), boxes [B, L*top_n, 4],
     classes [B, L*top_n] (float)."""
-    ext, why = load()
-    if ext is None:
-        raise OdtkError(f"odtk's CUDA kernels are not built ({why[:120]}); {BUILD_HINT}")
+    ext = _kernels()
     h, w = image_size if image_size is not None else (0, 0)
     levels = [ext.decode(cls.float().sigmoid() if sigmoid else cls.float(), box.float(),
                          cell.to(cls.device, torch.float32), float(stride), threshold, top_n, h, w)
@@ -60,9 +65,7 @@ def nms(scores: Tensor, boxes: Tensor, classes: Tensor, *, iou_threshold: float 
         detections: int = 100) -> Tuple[Tensor, Tensor, Tensor]:
     """odtk.box.nms on the CUDA kernel, on decode()'s padded output -> scores [B, D], boxes [B, D, 4],
     classes [B, D] (int64, as odtk.box.nms)."""
-    ext, why = load()
-    if ext is None:
-        raise OdtkError(f"odtk's CUDA kernels are not built ({why[:120]}); {BUILD_HINT}")
+    ext = _kernels()
     out_scores, out_boxes, out_classes = ext.nms(scores, boxes, classes, iou_threshold, detections)
     return out_scores, out_boxes, out_classes.long()
 
