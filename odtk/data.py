@@ -14,6 +14,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.ops import box_iou
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .convert import IMAGE_EXTENSIONS
@@ -97,12 +98,8 @@ def random_crop_window(width: int, height: int, boxes: Tensor, rng) -> Optional[
 
 def _valid_crop(boxes: Tensor, window: Tuple[int, int, int, int], threshold: float) -> bool:
     """Some box has IoU >= threshold with the window and some box centre is inside it (the crop keeps a box)."""
-    x1, y1, x2, y2 = window
-    iw = (boxes[:, 2].clamp(max=x2) - boxes[:, 0].clamp(min=x1)).clamp(min=0)
-    ih = (boxes[:, 3].clamp(max=y2) - boxes[:, 1].clamp(min=y1)).clamp(min=0)
-    inter = iw * ih
-    union = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) + (x2 - x1) * (y2 - y1) - inter
-    return bool((inter / union >= threshold).any()) and bool(_centres_inside(boxes, window).any())
+    iou = box_iou(boxes, torch.tensor([window], dtype=boxes.dtype))[:, 0]
+    return bool((iou >= threshold).any()) and bool(_centres_inside(boxes, window).any())
 
 
 def _centres_inside(boxes: Tensor, window: Tuple[int, int, int, int]) -> Tensor:
