@@ -218,9 +218,7 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
     """One worker's training loop (DDP when ctx has several). Returns loss figures and the per-iteration losses."""
     torch.manual_seed(cfg.seed)
     device = ctx.device
-    batch = cfg.batch if cfg.batch is not None else 2 * ctx.world_size
-    if batch % ctx.world_size:
-        raise OdtkError(f"--batch {batch} does not split evenly over {ctx.world_size} workers")
+    batch = cfg.batch if cfg.batch is not None else 2 * ctx.world_size   # train() checked that it splits evenly
     resumed = Model.load(cfg.model, ema=False) if os.path.exists(cfg.model) and not cfg.override else None
     dataset = CocoDataset(cfg.images, cfg.annotations, resize=cfg.resize, max_size=cfg.max_size,
                           jitter=cfg.jitter, augment=cfg.augment,
@@ -342,7 +340,7 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
                         save()
                         last_save = time.time()
                     if cfg.val_annotations and (iteration % cfg.val_iters == 0 or iteration == iters):
-                        ap = validate(ema.module if ema else model, cfg, ctx)
+                        ap = validate(ema.module if ema else model, cfg, ctx, batch=per_rank)
                         if ap:
                             metrics.log({"val/AP": ap["AP"], "val/AP50": ap["AP50"]}, iteration)
                         model.train()
@@ -371,12 +369,12 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
             "images_per_s": seen / max(1e-9, minutes * 60)}
 
 
-def validate(model: Model, cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]:
-    """COCO AP of `model` on the validation set: each rank infers its shard, rank 0 evaluates ({} elsewhere)."""
+def validate(model: Model, cfg: TrainConfig, ctx: Context = Context(), *, batch: int) -> Dict[str, float]:
+    """COCO AP of `model` on the validation set, `batch` images per rank: each rank infers its shard, rank 0
+    evaluates ({} elsewhere)."""
     from .infer import InferConfig, run_model
     out = os.path.splitext(cfg.model)[0] + "-val-detections.json"
-    per_rank = (cfg.batch or 2 * ctx.world_size) // ctx.world_size
     icfg = InferConfig(model=cfg.model, images=cfg.val_images or cfg.images, annotations=cfg.val_annotations,
-                       output=out, batch=per_rank, resize=cfg.resize, max_size=cfg.max_size,
+                       output=out, batch=batch, resize=cfg.resize, max_size=cfg.max_size,
                        loader_workers=cfg.loader_workers, with_dali=cfg.with_dali)
     return run_model(model.eval(), icfg, ctx)
