@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 from odtk.export import ExportConfig, export
-from odtk.infer import onnx_session
+from odtk.detector import onnx_session
 from odtk.model import Model, ModelConfig
 from odtk.synthetic import write_dataset
 from odtk.utils import cpu_threads

@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from .convert import IMAGE_EXTENSIONS
 from .utils import OdtkError, log
 
+EXIF_ORIENTATION = 0x0112
+
 
 @dataclass
 class Augment:
@@ -53,6 +55,21 @@ def load_image(path: str) -> Tensor:
         return torch.from_numpy(np.array(im)).permute(2, 0, 1)
 
 
+def displayed_size(path: str) -> Tuple[int, int]:
+    """(height, width) of an image file as displayed (EXIF orientation applied, as load_image does), from its
+    header alone."""
+    with Image.open(path) as im:
+        width, height = im.size
+        if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):    # the quarter turns
+            width, height = height, width
+    return height, width
+
+
+def find_images(folder: str) -> List[str]:
+    """Names of the image files in `folder`, sorted."""
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
 def resize_image(x: Tensor, size: Tuple[int, int]) -> Tensor:
     """Bilinear resize with antialiasing (PIL's BILINEAR within one grey level) of a uint8 [3, H, W] image.
 
@@ -70,6 +87,25 @@ def resize_ratio(width: int, height: int, resize: int, max_size: int) -> float:
     if ratio * max(width, height) > max_size:
         ratio = max_size / max(width, height)
     return ratio
+
+
+def scaled_size(height: int, width: int, *, resize: int, max_size: int, fit: Optional[Tuple[int, int]] = None
+                ) -> Tuple[Tuple[int, int], float]:
+    """The resized (height, width) of an image and its scale: shorter side to `resize` capped by `max_size`, or,
+    for a fixed-size model, the largest size that fits inside `fit` (height, width)."""
+    if fit:
+        ratio = min(fit[0] / height, fit[1] / width)
+    else:
+        ratio = resize_ratio(width, height, resize, max_size)
+    size = (max(1, round(height * ratio)), max(1, round(width * ratio)))
+    if fit:
+        size = (min(size[0], fit[0]), min(size[1], fit[1]))
+    return size, ratio
+
+
+def normalize_image(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 [3, H, W] -> float, 0-1, normalised with the model's mean and std."""
+    return TF.normalize(x.float().div_(255), list(mean), list(std), inplace=True)
 
 
 def random_crop_window(width: int, height: int, boxes: Tensor, rng) -> Optional[Tuple[int, int, int, int]]:
@@ -166,7 +202,7 @@ class CocoDataset(Dataset):
         else:
             if not os.path.isdir(images):
                 raise OdtkError(f"{images}: images folder not found")
-            names = sorted(f for f in os.listdir(images) if f.lower().endswith(IMAGE_EXTENSIONS))
+            names = find_images(images)
             if not names:
                 raise OdtkError(f"{images}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
             self.coco_path = None
@@ -232,14 +268,8 @@ class CocoDataset(Dataset):
                 x = x[:, window[1]:window[3], window[0]:window[2]]
                 boxes, labels = crop_boxes(boxes, labels, window)
         height, width = x.shape[1:]
-        if self.fit:
-            ratio = min(self.fit[0] / height, self.fit[1] / width)
-        else:
-            resize = rng.randint(*self.jitter) if self.jitter else self.resize
-            ratio = resize_ratio(width, height, resize, self.max_size)
-        size = (max(1, round(height * ratio)), max(1, round(width * ratio)))
-        if self.fit:
-            size = (min(size[0], self.fit[0]), min(size[1], self.fit[1]))
+        resize = rng.randint(*self.jitter) if self.jitter and not self.fit else self.resize
+        size, ratio = scaled_size(height, width, resize=resize, max_size=self.max_size, fit=self.fit)
         # rounding makes x and y scales differ slightly from ratio: scale boxes by the real ones
         boxes *= torch.tensor([size[1] / width, size[0] / height] * 2)
         x, boxes = self._augment(resize_image(x, size), boxes, rng)
@@ -258,6 +288,8 @@ class CocoDataset(Dataset):
             x = x.flip(2)
             w = x.shape[2]
             boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+        if not (aug.brightness or aug.contrast or aug.saturation or aug.hue):
+            return normalize_image(x, self.mean, self.std), boxes
         x = x.float().div_(255)
         if aug.brightness:
             x = TF.adjust_brightness(x, rng.uniform(1 - aug.brightness, 1 + aug.brightness))

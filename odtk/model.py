@@ -102,13 +102,17 @@ class Model(nn.Module):
         return retinanet_loss(cls_out, box_out, cls_target, box_target, distributed=distributed)
 
     # -- inference -----------------------------------------------------------------------------
-    def detect(self, heads: Heads, image_size: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        """Decode + class-aware NMS -> scores [B, D], boxes [B, D, 4] (input pixels), classes [B, D]."""
+    def detect(self, heads: Heads, image_size: Optional[Tuple[int, int]] = None, *, threshold: Optional[float] = None,
+               nms: Optional[float] = None, detections: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """Decode + class-aware NMS -> scores [B, D], boxes [B, D, 4] (input pixels), classes [B, D].
+        `threshold`, `nms` and `detections` override the config's for this call."""
         cls_heads, box_heads = heads
         cfg = self.config
-        found = box_ops.decode(cls_heads, box_heads, self.anchors(cls_heads), threshold=cfg.threshold,
-                               top_n=cfg.top_n, image_size=image_size)
-        return box_ops.nms(*found, cls_heads[0].shape[0], iou_threshold=cfg.nms, detections=cfg.detections)
+        found = box_ops.decode(cls_heads, box_heads, self.anchors(cls_heads),
+                               threshold=cfg.threshold if threshold is None else threshold, top_n=cfg.top_n,
+                               image_size=image_size)
+        return box_ops.nms(*found, cls_heads[0].shape[0], iou_threshold=cfg.nms if nms is None else nms,
+                           detections=detections or cfg.detections)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

@@ -9,7 +9,7 @@ import torch
 from odtk import box as box_ops
 from odtk import extension
 from odtk.export import ExportConfig, batch_profile
-from odtk.infer import plan_predictor
+from odtk.detector import PlanBackend, Thresholds
 from odtk.main import main
 from odtk.model import Model, ModelConfig
 from odtk.utils import OdtkError
@@ -128,14 +128,21 @@ def test_batch_profile():
         batch_profile(cfg)
 
 
-def test_plan_predictor_returns_cpu_tensors_and_integer_classes():
+def test_plan_backend_returns_cpu_tensors_and_integer_classes():
     class Engine:
+        metadata = '{"category_ids": [1, 2, 3], "mean": [0, 0, 0], "std": [1, 1, 1]}'
+        input_size, max_batch = (64, 64), 4
+
         def infer(self, images):
             b = images.shape[0]
             return torch.ones(b, 100), torch.zeros(b, 100, 4), torch.full((b, 100), 2.0)
-    scores, boxes, classes = plan_predictor(Engine(), torch.device("cpu"))(torch.zeros(2, 3, 64, 64))
+    backend = PlanBackend(Engine(), device="cpu")
+    scores, boxes, classes = backend(torch.zeros(2, 3, 64, 64), Thresholds())
     assert scores.shape == (2, 100) and boxes.shape == (2, 100, 4)
     assert classes.dtype == torch.long and bool((classes == 2).all())
+    assert backend.fit == (64, 64) and backend.max_batch == 4 and backend.category_ids == [1, 2, 3]
+    scores, _, _ = backend(torch.zeros(1, 3, 64, 64), Thresholds(detections=10))
+    assert scores.shape == (1, 10)
 
 
 # ---- CUDA kernels vs PyTorch / torchvision (GPU only) ----------------------------------------------------------

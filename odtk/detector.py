@@ -1,0 +1,411 @@
+"""`odtk.Detector`: one object for every model format (.pth, .onnx, .plan) and every kind of image.
+
+    >>> import odtk
+    >>> detector = odtk.Detector.load("model.pth")            # or model.onnx / model.plan
+    >>> found = detector("photo.jpg")                          # a path, PIL image, HWC uint8 array or CHW tensor
+    >>> found.boxes, found.scores, found.labels, found.names   # xyxy in the photo's pixels, category ids
+    >>> results = detector.predict(["a.jpg", "b.png"], batch_size=8, score_threshold=0.3)
+
+The detector owns resize, normalisation, padding and the mapping back to original pixels, with the very code that
+`odtk infer` runs (`odtk infer` is a loop over `Detector.detect_batch`), so both give the same boxes.
+"""
+import glob
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from .data import CocoDataset, collate, find_images, load_image, normalize_image, resize_image, scaled_size
+from .utils import OdtkError, cpu_threads, log
+
+ImageInput = Union[str, "os.PathLike[str]", Image.Image, np.ndarray, Tensor]
+Images = Union[ImageInput, Sequence[ImageInput]]
+Outputs = Tuple[Tensor, Tensor, Tensor]      # scores [B, D], boxes [B, D, 4] (input pixels), classes [B, D]
+
+GLOB_CHARS = ("*", "?", "[")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class Detections:
+    """What was found in one image: `boxes` [N, 4] x1 y1 x2 y2 in the image's own pixels, `scores` [N],
+    `labels` [N] dataset category ids, `names` their class names; sorted by decreasing score."""
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    names: List[str]
+    image_size: Tuple[int, int]          # (height, width) of the image as displayed
+    source: Optional[str] = None         # the file, when the image came from one
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def to_coco(self, image_id: int) -> List[dict]:
+        """COCO result rows (bbox x, y, w, h), rounded as `odtk infer` writes them."""
+        return [{"image_id": image_id, "category_id": label,
+                 "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)], "score": round(s, 5)}
+                for (x1, y1, x2, y2), s, label in zip(self.boxes.tolist(), self.scores.tolist(),
+                                                       self.labels.tolist())]
+
+
+@dataclass
+class Thresholds:
+    """Post-processing limits: score threshold, class-aware NMS IoU, detections kept per image."""
+    score: float = 0.05
+    nms: float = 0.5
+    detections: int = 100
+
+    def check(self) -> "Thresholds":
+        for name, value in (("score_threshold", self.score), ("nms_iou", self.nms)):
+            if not 0 <= value <= 1:
+                raise OdtkError(f"{name} {value}: must be between 0 and 1")
+        if self.detections < 1:
+            raise OdtkError(f"max_detections {self.detections}: must be at least 1")
+        return self
+
+
+class Backend:
+    """A model that maps a normalised, padded batch to (scores, boxes, classes) in input pixels, on the CPU.
+
+    Attributes describe its preprocessing and classes; `fit` is the fixed (height, width) of a fixed-size model
+    (images are scaled to fit inside it), None when it takes any size (multiples of `size_divisible`).
+    """
+    kind = "?"
+    category_ids: List[int]
+    class_names: Optional[List[str]] = None
+    mean: List[float]
+    std: List[float]
+    size_divisible: int = 32
+    fit: Optional[Tuple[int, int]] = None
+    max_batch: Optional[int] = None
+    defaults: Thresholds
+    resize: int = 800
+    max_size: int = 1333
+
+    def __call__(self, images: Tensor, limits: Thresholds) -> Outputs:
+        raise NotImplementedError
+
+
+class TorchBackend(Backend):
+    """A PyTorch `Model` on a device, fp32 or autocast fp16/bf16."""
+    kind = "PyTorch"
+
+    def __init__(self, model, *, device: Optional[Union[str, torch.device]] = None, precision: Optional[str] = None,
+                 resize: int = 800, max_size: int = 1333):
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        precision = precision or ("fp16" if device.type == "cuda" else "fp32")
+        if precision not in PRECISIONS:
+            raise OdtkError(f"precision '{precision}': use one of {', '.join(PRECISIONS)}")
+        if precision == "fp16" and device.type != "cuda":
+            raise OdtkError("precision fp16 needs a CUDA device; use fp32 (or bf16) on the CPU")
+        self.model = model.to(device).eval()
+        self.device, self.precision = device, precision
+        mc = model.config
+        self.category_ids = mc.category_ids or list(range(1, mc.num_classes + 1))
+        self.class_names, self.mean, self.std = mc.class_names, mc.mean, mc.std
+        self.size_divisible = mc.size_divisible
+        self.defaults = Thresholds(mc.threshold, mc.nms, mc.detections)
+        self.resize, self.max_size = resize, max_size
+
+    @torch.inference_mode()
+    def __call__(self, images: Tensor, limits: Thresholds) -> Outputs:
+        images = images.to(self.device, non_blocking=True)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self.precision != "fp32"):
+            heads = self.model(images)
+        heads = ([h.float() for h in heads[0]], [h.float() for h in heads[1]])
+        out = self.model.detect(heads, tuple(images.shape[-2:]), threshold=limits.score, nms=limits.nms,
+                                detections=limits.detections)
+        return tuple(t.cpu() for t in out)
+
+
+def _tighten(out: Outputs, limits: Thresholds, baked: Thresholds) -> Outputs:
+    """Apply per-call limits to the output of a graph whose own limits are baked in (ONNX, TensorRT). They can
+    only be made stricter: a higher score threshold, fewer detections, or a lower NMS IoU (a second class-aware
+    NMS over what the graph kept)."""
+    if limits.score < baked.score or limits.nms > baked.nms or limits.detections > baked.detections:
+        raise OdtkError(f"this model's graph keeps score > {baked.score}, NMS IoU {baked.nms}, {baked.detections} "
+                        f"detections: per-call limits can only be stricter (re-export from the .pth to loosen)")
+    scores, boxes, classes = out
+    scores = scores * (scores > limits.score)
+    if limits.nms < baked.nms:
+        for i in range(scores.shape[0]):
+            valid = (scores[i] > 0).nonzero()[:, 0]
+            keep = valid[batched_nms(boxes[i, valid].float(), scores[i, valid].float(), classes[i, valid],
+                                     limits.nms)]
+            dropped = torch.ones_like(scores[i], dtype=torch.bool)
+            dropped[keep] = False
+            scores[i, dropped] = 0
+    scores, order = scores.sort(dim=1, descending=True, stable=True)
+    order = order[:, :limits.detections]
+    return (scores[:, :limits.detections], boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4)),
+            classes.gather(1, order))
+
+
+class OnnxBackend(Backend):
+    """An end-to-end ONNX graph (decode and NMS inside) in ONNX Runtime."""
+    kind = "ONNX Runtime"
+
+    def __init__(self, path: str):
+        from .export import read_metadata
+        meta = read_metadata(path)
+        if meta["flavour"] != "end2end":
+            raise OdtkError(f"{path}: a raw-heads ONNX (for TensorRT) has no decode/NMS; export the default "
+                            f"end-to-end graph for ONNX Runtime: odtk export model.pth model.onnx")
+        self.session = onnx_session(path)
+        _describe(self, meta)
+        self.fit = tuple(meta["size"])
+        self.kind = f"ONNX Runtime {self.session.get_providers()[0]}{' INT8' if meta.get('int8') else ''}"
+
+    def __call__(self, images: Tensor, limits: Thresholds) -> Outputs:
+        out = self.session.run(None, {"input_1": np.ascontiguousarray(images.numpy())})
+        return _tighten(tuple(torch.from_numpy(o) for o in out), limits, self.defaults)
+
+
+class PlanBackend(Backend):
+    """A TensorRT engine (odtk._C.Engine with odtk's decode/NMS plugins), CUDA only."""
+    kind = "TensorRT"
+
+    def __init__(self, engine, *, device: Union[str, torch.device] = "cuda"):
+        import json
+        self.engine, self.device = engine, torch.device(device)
+        meta = json.loads(engine.metadata)
+        _describe(self, meta)
+        self.fit, self.max_batch = tuple(engine.input_size), engine.max_batch
+        self.kind = f"TensorRT {meta.get('precision', '')}".strip()
+
+    @classmethod
+    def load(cls, path: str, *, verbose: bool = False) -> "PlanBackend":
+        from .extension import engine_class
+        engine_type = engine_class()
+        if not torch.cuda.is_available():
+            raise OdtkError(f"{path}: TensorRT engines run on a CUDA GPU and none is available")
+        try:
+            return cls(engine_type.load(path, verbose))
+        except RuntimeError as e:
+            raise OdtkError(f"{path}: {str(e).splitlines()[0][:300]}") from None
+
+    def __call__(self, images: Tensor, limits: Thresholds) -> Outputs:
+        scores, boxes, classes = self.engine.infer(images.to(self.device, non_blocking=True).contiguous())
+        return _tighten((scores.cpu(), boxes.cpu(), classes.long().cpu()), limits, self.defaults)
+
+
+def onnx_session(path: str):
+    """An ONNX Runtime session on CUDA when available, else on every CPU core."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise OdtkError(f"{path}: ONNX inference needs onnxruntime (pip install 'odtk[onnx]')") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cpu_threads()
+    options.log_severity_level = 3       # errors only: ORT's graph clean-up notes are not the user's business
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    try:
+        return ort.InferenceSession(path, options, providers=providers)
+    except Exception as e:
+        raise OdtkError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
+
+
+def _describe(backend: Backend, meta: dict) -> None:
+    """Preprocessing, classes and baked-in limits of an exported model, from its odtk metadata."""
+    backend.category_ids, backend.class_names = meta["category_ids"], meta.get("class_names")
+    backend.mean, backend.std = meta["mean"], meta["std"]
+    backend.size_divisible = meta.get("size_divisible", 32)
+    backend.defaults = Thresholds(meta.get("threshold", 0.05), meta.get("nms", 0.5), meta.get("detections", 100))
+
+
+# -- inputs -----------------------------------------------------------------------------------------------------
+def expand_inputs(images: Images) -> List[ImageInput]:
+    """A path, folder, glob or in-memory image, or a list of them -> a flat list of files and images."""
+    if isinstance(images, (list, tuple)):
+        return [item for image in images for item in expand_inputs(image)]
+    if isinstance(images, Tensor) and images.dim() == 4:
+        return list(images)
+    if isinstance(images, (str, os.PathLike)):
+        path = os.fspath(images)
+        if os.path.isdir(path):
+            return [os.path.join(path, name) for name in find_images(path)]
+        if any(c in path for c in GLOB_CHARS) and not os.path.exists(path):
+            found = sorted(glob.glob(path, recursive=True))
+            if not found:
+                raise OdtkError(f"{path}: no file matches this pattern")
+            return found
+        if not os.path.isfile(path):
+            raise OdtkError(f"{path}: image file not found")
+        return [path]
+    return [images]
+
+
+def to_uint8(image: ImageInput) -> Tensor:
+    """Any supported image -> uint8 RGB [3, H, W] as displayed (EXIF orientation applied, as the loaders do)."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            return load_image(os.fspath(image))
+        except Exception as e:
+            raise OdtkError(f"{os.fspath(image)}: cannot read image ({e.__class__.__name__})") from None
+    if isinstance(image, Image.Image):
+        image = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+            raise OdtkError(f"numpy image of shape {image.shape}: expected H x W x 3 (RGB)")
+        image = torch.from_numpy(np.ascontiguousarray(image[:, :, :3])).permute(2, 0, 1)
+    if not isinstance(image, Tensor):
+        raise OdtkError(f"{type(image).__name__}: not an image (give a path, PIL image, numpy array or tensor)")
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise OdtkError(f"tensor of shape {tuple(image.shape)}: expected C x H x W with 1 or 3 channels")
+    if image.is_floating_point():      # 0-1 floats: back to the 8-bit grid the model was trained on
+        image = image.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+    elif image.dtype != torch.uint8:
+        raise OdtkError(f"tensor of dtype {image.dtype}: use uint8 (0-255) or float (0-1)")
+    return image.cpu().expand(3, -1, -1).contiguous()
+
+
+def prepare(image: Tensor, *, resize: int, max_size: int, fit: Optional[Tuple[int, int]], mean: Sequence[float],
+            std: Sequence[float]) -> Tuple[Tensor, float]:
+    """uint8 [3, H, W] -> the normalised model input (unpadded) and its scale, as CocoDataset makes it."""
+    size, ratio = scaled_size(image.shape[1], image.shape[2], resize=resize, max_size=max_size, fit=fit)
+    return normalize_image(resize_image(image, size), mean, std), ratio
+
+
+# -- the detector ---------------------------------------------------------------------------------------------------
+class Detector:
+    """Detect objects with a .pth, .onnx or .plan model; see the module docstring for an example."""
+
+    def __init__(self, backend: Backend, *, score_threshold: Optional[float] = None, nms_iou: Optional[float] = None,
+                 max_detections: Optional[int] = None):
+        self.backend = backend
+        d = backend.defaults
+        self.limits = Thresholds(d.score if score_threshold is None else score_threshold,
+                                 d.nms if nms_iou is None else nms_iou,
+                                 d.detections if max_detections is None else max_detections).check()
+        self._warned: set = set()
+
+    @classmethod
+    def load(cls, path: str, *, device: Optional[Union[str, torch.device]] = None, precision: Optional[str] = None,
+             verbose: bool = False, **limits) -> "Detector":
+        """A .pth checkpoint (EMA weights when it has them), an end-to-end .onnx (ONNX Runtime) or a .plan
+        (TensorRT). `device`/`precision` apply to .pth models (default: CUDA fp16 when present, else CPU fp32)."""
+        ext = os.path.splitext(os.fspath(path))[1].lower()
+        if ext in (".onnx", ".plan") and not os.path.isfile(path):
+            raise OdtkError(f"{path}: model file not found")
+        if ext == ".onnx":
+            return cls(OnnxBackend(path), **limits)
+        if ext == ".plan":
+            return cls(PlanBackend.load(path, verbose=verbose), **limits)
+        from .model import Model
+        model, state = Model.load(path)
+        trained = state.get("train_config") or {}
+        return cls(TorchBackend(model, device=device, precision=precision, resize=trained.get("resize", 800),
+                                max_size=trained.get("max_size", 1333)), **limits)
+
+    @classmethod
+    def from_model(cls, model, **kwargs) -> "Detector":
+        """A detector around a `Model` in memory (device, precision, resize, max_size and limits as keywords)."""
+        limits = {k: kwargs.pop(k) for k in ("score_threshold", "nms_iou", "max_detections") if k in kwargs}
+        return cls(TorchBackend(model, **kwargs), **limits)
+
+    # -- what the model is ----------------------------------------------------------------------------------------
+    @property
+    def category_ids(self) -> List[int]:
+        return self.backend.category_ids
+
+    @property
+    def class_names(self) -> List[str]:
+        names = self.backend.class_names or [str(c) for c in self.category_ids]
+        return list(names) + [str(i) for i in range(len(names), len(self.category_ids))]
+
+    def __repr__(self) -> str:
+        return (f"Detector({self.backend.kind}, {len(self.category_ids)} classes, "
+                f"{'input %dx%d' % self.backend.fit if self.backend.fit else 'any input size'})")
+
+    # -- predicting ---------------------------------------------------------------------------------------------
+    def __call__(self, images: Images, **kwargs) -> Union[Detections, List[Detections]]:
+        """`predict`; a single image (not in a list) gives a single result."""
+        results = self.predict(images, **kwargs)
+        single = not isinstance(images, (list, tuple)) and len(results) == 1 and not (
+            isinstance(images, (str, os.PathLike)) and not os.path.isfile(images))
+        return results[0] if single else results
+
+    def predict(self, images: Images, *, batch_size: int = 8, resize: Optional[int] = None,
+                max_size: Optional[int] = None, **limits) -> List[Detections]:
+        """One `Detections` per image, in input order. `resize` (shorter side) and `max_size` default to the
+        model's training values; limits: score_threshold, nms_iou, max_detections."""
+        return list(self.iter_predict(images, batch_size=batch_size, resize=resize, max_size=max_size, **limits))
+
+    def iter_predict(self, images: Images, *, batch_size: int = 8, resize: Optional[int] = None,
+                     max_size: Optional[int] = None, **limits) -> Iterator[Detections]:
+        """`predict` as a generator: for long lists and video frames."""
+        if batch_size < 1:
+            raise OdtkError(f"batch_size {batch_size}: must be at least 1")
+        b = self.backend
+        batch_size = min(batch_size, b.max_batch or batch_size)
+        resize, max_size = resize or b.resize, max_size or b.max_size
+        items = expand_inputs(images)
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            pixels = [to_uint8(item) for item in chunk]
+            prepared = [prepare(x, resize=resize, max_size=max_size, fit=b.fit, mean=b.mean, std=b.std)
+                        for x in pixels]
+            batch = collate([(x, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), i, ratio)
+                             for i, (x, ratio) in enumerate(prepared)], b.size_divisible, b.fit)
+            sizes = [tuple(x.shape[1:]) for x in pixels]
+            sources = [os.fspath(i) if isinstance(i, (str, os.PathLike)) else None for i in chunk]
+            yield from self.detect_batch(batch[0], batch[4], sizes, sources=sources, **limits)
+
+    def detect_batch(self, images: Tensor, ratios: Tensor, sizes: Sequence[Tuple[int, int]], *,
+                     sources: Optional[Sequence[Optional[str]]] = None, score_threshold: Optional[float] = None,
+                     nms_iou: Optional[float] = None, max_detections: Optional[int] = None) -> List[Detections]:
+        """A prepared batch (what odtk's loaders yield: normalised, padded images and each image's scale) ->
+        results in original pixels, clipped to each image's own `sizes` (height, width)."""
+        limits = Thresholds(self.limits.score if score_threshold is None else score_threshold,
+                            self.limits.nms if nms_iou is None else nms_iou,
+                            self.limits.detections if max_detections is None else max_detections).check()
+        scores, boxes, classes = self.backend(images, limits)
+        sources = sources or [None] * len(sizes)
+        return [self._result(s, b, c, float(r), size, src)
+                for s, b, c, r, size, src in zip(scores, boxes, classes, ratios.tolist(), sizes, sources)]
+
+    def _result(self, scores: Tensor, boxes: Tensor, classes: Tensor, ratio: float, size: Tuple[int, int],
+                source: Optional[str]) -> Detections:
+        keep = scores > 0
+        known = classes < len(self.category_ids)
+        if bool((keep & ~known).any()):
+            self._warn_unknown(classes[keep & ~known])
+        keep &= known
+        h, w = size
+        boxes = boxes[keep].float() / ratio
+        boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),      # each image's own edges,
+                             boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], 1)   # not the padded batch's
+        classes = classes[keep].long()
+        ids = torch.tensor(self.category_ids, dtype=torch.long)[classes]
+        names = self.class_names
+        return Detections(boxes=boxes, scores=scores[keep].float(), labels=ids,
+                          names=[names[c] for c in classes.tolist()], image_size=(h, w), source=source)
+
+    def _warn_unknown(self, classes: Tensor) -> None:
+        for c in sorted(set(classes.tolist()) - self._warned):
+            log.warning(f"class index {c} has no category id (the model's {len(self.category_ids)} category ids "
+                        f"cover indices 0-{len(self.category_ids) - 1}): its detections are dropped")
+            self._warned.add(c)
+
+    # -- datasets -------------------------------------------------------------------------------------------------
+    def dataset(self, images: str, annotations: Optional[str] = None, *, resize: Optional[int] = None,
+                max_size: Optional[int] = None) -> CocoDataset:
+        """A CocoDataset preprocessing like this model (for odtk's loaders and `detect_batch`), its class names
+        checked against the model's."""
+        b = self.backend
+        dataset = CocoDataset(images, annotations, resize=resize or b.resize, max_size=max_size or b.max_size,
+                              fit=b.fit, category_ids=self.category_ids, mean=b.mean, std=b.std)
+        if b.class_names and dataset.class_names:
+            for cat_id, name in zip(self.category_ids, b.class_names):
+                if dataset.class_names.get(cat_id, name) != name:
+                    raise OdtkError(f"{annotations}: category {cat_id} is '{dataset.class_names[cat_id]}' but the "
+                                    f"model's is '{name}' (convert every split with the same --class-names)")
+        return dataset
