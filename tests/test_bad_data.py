@@ -1,18 +1,115 @@
 """Bad input to train and convert (the "Bad input" issue): one clear line or a warning that keeps going, never a
 traceback, never a lost or poisoned file."""
 import glob
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 
+import pytest
 import torch
+from PIL import Image
 
+from odtk.data import CocoDataset
 from odtk.utils import atomic_save, atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+def odtk(*argv, cwd=None):
+    """`python -m odtk ARGV` from this checkout: (exit code, stdout + stderr)."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, "-m", "odtk", *map(str, argv)], capture_output=True, text=True, env=env,
+                         cwd=cwd)
+    return out.returncode, out.stdout + out.stderr
+
+
+def _coco(path, images, anns=None, cats=({"id": 5, "name": "thing"},)):
+    coco = {"images": images}
+    if anns is not None:
+        coco["annotations"] = anns
+    if cats is not None:
+        coco["categories"] = list(cats)
+    path.write_text(json.dumps(coco))
+    return str(path)
+
+
+def _train(annotations, images, model):
+    return odtk("train", model, "--annotations", annotations, "--images", images, "--backbone", "MobileNetV2FPN",
+                "--batch", "2", "--iters", "3", "--resize", "96", "--max-size", "96", "--jitter", "96", "96",
+                "--loader-workers", "0", "--override")
+
+
+def _synthetic_images(synthetic):
+    images, train, _ = synthetic
+    with open(train) as f:
+        return images, json.load(f)["images"][:4]
+
+
+# 7: category_id not in categories
+
+def test_unknown_category_is_dropped_and_named(tmp_path, caplog):
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    anns = [{"id": 6, "image_id": 3, "category_id": 5, "bbox": [1, 1, 10, 10]},
+            {"id": 7, "image_id": 3, "category_id": 99, "bbox": [2, 2, 10, 10]},
+            {"id": 8, "image_id": 3, "category_id": 98, "bbox": [3, 3, 10, 10]}]
+    ds = CocoDataset(str(tmp_path), _coco(tmp_path / "a.json", [{"id": 3, "file_name": "a.png", "width": 40,
+                                                                  "height": 30}], anns))
+    assert ds.boxes[3].tolist() == [[1, 1, 11, 11]] and ds.labels[3].tolist() == [0]
+    assert ("a.json: dropped 2 boxes: category_id not in 'categories'; first: annotation 7, image_id 3, "
+            "category_id 99") in caplog.text
+
+# 8: no categories
+
+def test_no_categories_is_one_line_and_keeps_the_model(synthetic, tmp_path):
+    images, entries = _synthetic_images(synthetic)
+    anns = [{"id": 1, "image_id": entries[0]["id"], "category_id": 2, "bbox": [10, 10, 20, 20]}]
+    annotations = _coco(tmp_path / "nocats.json", entries, anns, cats=None)
+    (tmp_path / "m.pth").write_bytes(b"the previous model")
+    rc, out = _train(annotations, images, tmp_path / "m.pth")
+    assert rc == 2 and "Traceback" not in out
+    assert (f"{annotations}: no 'categories', so no classes to train; add one entry per class, e.g. \"categories\": "
+            f"[{{\"id\": 1, \"name\": \"cat\"}}] (its annotations use category_id 2)") in out
+    assert (tmp_path / "m.pth").read_bytes() == b"the previous model"
+
+# 11: no boxes
+
+@pytest.mark.parametrize("anns, detail", [
+    (None, "it has no 'annotations'"),
+    ([{"id": 1, "image_id": 1, "category_id": 5, "bbox": [10, 10, 0, 5]}], "all 1 annotations were dropped"),
+])
+def test_no_boxes_refuses_to_train(synthetic, tmp_path, anns, detail):
+    images, entries = _synthetic_images(synthetic)
+    entries = [{**im, "id": i} for i, im in enumerate(entries, 1)]
+    annotations = _coco(tmp_path / "empty.json", entries, anns)
+    rc, out = _train(annotations, images, tmp_path / "m.pth")
+    assert rc == 2 and "Traceback" not in out and not (tmp_path / "m.pth").exists()
+    assert f"{annotations}: no boxes to train on ({detail}" in out
+    assert "each object needs an annotation with image_id, category_id and bbox [x, y, width, height]" in out
+
+
+def test_no_boxes_is_a_warning_outside_training(synthetic, tmp_path, caplog):
+    images, entries = _synthetic_images(synthetic)
+    ds = CocoDataset(images, _coco(tmp_path / "empty.json", entries), category_ids=[5])
+    assert len(ds) == 4
+    assert "empty.json: not a single box in any image (it has no 'annotations')" in caplog.text
+
+# 15: negative sizes are invalid, not zero-area
+
+def test_negative_size_is_invalid_not_zero_area(tmp_path, caplog):
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    anns = [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [20, 5, -3, 4]},
+            {"id": 2, "image_id": 1, "category_id": 5, "bbox": [5, 5, 0, 4]},
+            {"id": 3, "image_id": 1, "category_id": 5, "bbox": [5, 5, 10, 10]}]
+    for images in ([{"id": 1, "file_name": "a.png", "width": 40, "height": 30}], [{"id": 1, "file_name": "a.png"}]):
+        caplog.clear()
+        ds = CocoDataset(str(tmp_path), _coco(tmp_path / "a.json", images, anns))
+        assert ds.boxes[1].tolist() == [[5, 5, 15, 15]]
+        assert "a.json: dropped 1 box: invalid (negative size); first: annotation 1, image_id 1, bbox [20, 5, -3, 4]" \
+            in caplog.text
+        assert "a.json: dropped 1 box: zero-area; first: annotation 2" in caplog.text
 
 # 16: temp files of killed saves, and file modes
 
