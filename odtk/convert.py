@@ -3,13 +3,21 @@ import json
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from PIL import Image
 
 from .utils import OdtkError, atomic_write_text, log
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# VOC layouts: annotation and image folder names, matched in any case (VOC's Annotations/ and flat annotations/)
+ANNOTATION_FOLDERS = ("annotations", "labels")
+IMAGE_FOLDERS = ("jpegimages", "images")
+VOC_LAYOUTS = ("DIR/Annotations/*.xml with DIR/JPEGImages/ (Pascal VOC), DIR/annotations/*.xml or "
+               "DIR/labels/*.xml with DIR/images/ (any case), or DIR/*.xml with ../JPEGImages/ or ../images/")
+EXIF_ORIENTATION = 0x0112
+
+Box = Tuple[float, float, float, float]
 
 
 @dataclass
@@ -20,6 +28,7 @@ class _Coco:
     images: List[dict] = field(default_factory=list)
     annotations: List[dict] = field(default_factory=list)
     skipped: Dict[str, int] = field(default_factory=dict)
+    notes: Dict[str, int] = field(default_factory=dict)      # fix-ups made to whole images' boxes
 
     def category(self, name: str, where: str) -> Optional[int]:
         if name not in self.classes:
@@ -34,15 +43,35 @@ class _Coco:
             log.warning(f"{where}: {why} (skipped)")
         self.skipped[why] = self.skipped.get(why, 0) + 1
 
+    def note(self, why: str, detail: str) -> None:
+        """A fix-up of an image's boxes: warned in full the first time, counted (log_notes) every time."""
+        if why not in self.notes:
+            log.warning(detail)
+        self.notes[why] = self.notes.get(why, 0) + 1
+
+    def log_notes(self, where: str) -> None:
+        for why, n in self.notes.items():
+            if n > 1:
+                log.warning(f"{where}: {n} images: {why}")
+
     def add_image(self, file_name: str, width: int, height: int) -> int:
         image_id = len(self.images) + 1
         self.images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         return image_id
 
-    def add_box(self, image_id: int, category: int, x1: float, y1: float, x2: float, y2: float,
-                where: str, iscrowd: int = 0) -> None:
-        if x2 <= x1 or y2 <= y1:
+    def add_box(self, image_id: int, category: int, box: Box, size: Tuple[int, int], where: str,
+                iscrowd: int = 0) -> None:
+        """Add (x1, y1, x2, y2) clipped to the image's (width, height); skip an invalid, empty or outside box."""
+        x1, y1, x2, y2 = box
+        if x2 < x1 or y2 < y1:
+            self.skip("invalid box (negative size)", where)
+            return
+        if x2 == x1 or y2 == y1:
             self.skip("zero-area box", where)
+            return
+        x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(float(size[0]), x2), min(float(size[1]), y2)
+        if x2 <= x1 or y2 <= y1:
+            self.skip("box outside the image", where)
             return
         w, h = x2 - x1, y2 - y1
         self.annotations.append({"id": len(self.annotations) + 1, "image_id": image_id, "category_id": category,
@@ -58,13 +87,34 @@ class _Coco:
                 "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
 
 
+def _subfolder(root: str, names: Tuple[str, ...]) -> Optional[str]:
+    """The subfolder of `root` named (in any case) the first of `names` present, or None."""
+    found = {e.lower(): os.path.join(root, e) for e in sorted(os.listdir(root), reverse=True)
+             if os.path.isdir(os.path.join(root, e))}
+    return next((found[n] for n in names if n in found), None)
+
+
+def _has(folder: str, extension: str) -> bool:
+    return any(f.lower().endswith(extension) for f in os.listdir(folder))
+
+
 def _voc_folders(source: str, images: Optional[str]) -> Tuple[str, str]:
-    """(annotations folder, images folder) from a VOC root or an Annotations folder."""
-    if os.path.isdir(os.path.join(source, "Annotations")):
-        return os.path.join(source, "Annotations"), images or os.path.join(source, "JPEGImages")
+    """(annotations folder, images folder) of the layouts in VOC_LAYOUTS.
+
+    The XML is in `source`'s Annotations/ or labels/ subfolder (any case) when that has some, else in `source`;
+    the images in --images, else in JPEGImages/ or images/ (any case) beside the annotations folder.
+    """
     if not os.path.isdir(source):
         raise OdtkError(f"{source}: no such folder")
-    return source, images or os.path.join(os.path.dirname(os.path.abspath(source)), "JPEGImages")
+    sub = _subfolder(source, ANNOTATION_FOLDERS)
+    candidates = [sub, source] if sub else [source]
+    ann_dir = next((d for d in candidates if _has(d, ".xml")), None)
+    if ann_dir is None:
+        txt = any(_has(d, ".txt") for d in candidates)
+        yolo = "; YOLO .txt labels need --format yolo --images IMAGES" if txt else ""
+        raise OdtkError(f"{source}: no VOC .xml annotations found; accepted layouts: {VOC_LAYOUTS}{yolo}")
+    root = os.path.dirname(os.path.abspath(ann_dir))
+    return ann_dir, images or _subfolder(root, IMAGE_FOLDERS) or os.path.join(root, "JPEGImages")
 
 
 def _read_ids(image_set: str) -> List[str]:
@@ -74,17 +124,88 @@ def _read_ids(image_set: str) -> List[str]:
         return [line.split()[0] for line in f if line.strip()]
 
 
-def _image_size(path: str) -> Tuple[int, int]:
+def _read_size(path: str) -> Tuple[Tuple[int, int], int]:
+    """(stored width, height) and EXIF orientation (1 when none) of an image, reading only its header."""
     try:
         with Image.open(path) as im:
-            return im.size
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+            return im.size, orientation if orientation in range(1, 9) else 1
     except Exception as e:
         raise OdtkError(f"{path}: cannot read image ({e.__class__.__name__})") from None
 
 
+def displayed_size(size: Tuple[int, int], orientation: int) -> Tuple[int, int]:
+    """(width, height) once the EXIF orientation is applied, as the loaders do: 5-8 turn the image a quarter."""
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+
+
+def exif_box(box: Box, size: Tuple[int, int], orientation: int) -> Box:
+    """A box on the stored pixels (`size` = stored width, height) -> the same pixels once displayed, as PIL's
+    exif_transpose turns them (2 mirror, 3 half turn, 4 flip, 5 transpose, 6 quarter turn clockwise, 7 transverse,
+    8 quarter turn anticlockwise)."""
+    x1, y1, x2, y2 = box
+    w, h = size
+    return {2: (w - x2, y1, w - x1, y2), 3: (w - x2, h - y2, w - x1, h - y1), 4: (x1, h - y2, x2, h - y1),
+            5: (y1, x1, y2, x2), 6: (h - y2, x1, h - y1, x2), 7: (h - y2, w - x2, h - y1, w - x1),
+            8: (y1, w - x2, y2, w - x1)}.get(orientation, box)
+
+
+def _xml_size(root: ET.Element) -> Tuple[int, int]:
+    """VOC's <size> (width, height); 0 where missing or not a number."""
+    def number(key: str) -> int:
+        try:
+            return int(float(root.findtext(f"size/{key}", "0") or 0))
+        except ValueError:
+            return 0
+    return number("width"), number("height")
+
+
+def _unchanged(box: Box) -> Box:
+    return box
+
+
+def _voc_frame(xml: str, xml_size: Tuple[int, int], image: str,
+               coco: _Coco) -> Tuple[Tuple[int, int], Callable[[Box], Box]]:
+    """The image's (width, height) as displayed and how the XML's boxes map onto it (see convert_voc)."""
+    if not os.path.isfile(image):
+        if min(xml_size) <= 0:
+            raise OdtkError(f"{xml}: no <size>, and its image {image} is not there to read it from (--images)")
+        return xml_size, _unchanged
+    try:
+        stored, orientation = _read_size(image)
+    except OdtkError as e:
+        if min(xml_size) <= 0:
+            raise
+        # the loaders skip an unreadable image with a warning when training: no reason to stop here
+        coco.note("unreadable, their XML <size> kept", f"{e}: its XML <size> is kept")
+        return xml_size, _unchanged
+    shown = displayed_size(stored, orientation)
+    if min(xml_size) <= 0 or xml_size == shown:
+        return shown, _unchanged
+    name = os.path.basename(image)
+    if xml_size == stored:   # an annotator that ignored EXIF (LabelImg does) drew on the stored pixels
+        coco.note("boxes turned with the EXIF orientation",
+                  f"{xml}: <size> {xml_size[0]}x{xml_size[1]} is {name}'s stored size, but it displays as "
+                  f"{shown[0]}x{shown[1]} (EXIF orientation {orientation}) and odtk loads it so: boxes turned with it")
+        return shown, lambda box: exif_box(box, stored, orientation)
+    sx, sy = shown[0] / xml_size[0], shown[1] / xml_size[1]
+    coco.note("boxes scaled to the image's size",
+              f"{xml}: <size> {xml_size[0]}x{xml_size[1]} differs from {name}'s {shown[0]}x{shown[1]} "
+              f"(resized after labelling?): boxes scaled to the image")
+    return shown, lambda box: (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
 def convert_voc(source: str, *, images: Optional[str] = None, split: Optional[str] = None,
                 image_set: Optional[str] = None, classes: Optional[List[str]] = None) -> Tuple[dict, dict]:
-    """VOC XML -> (COCO dict, skip counts). `split` picks ImageSets/Main/<split>.txt under a VOC root."""
+    """VOC XML -> (COCO dict, skip counts). `split` picks ImageSets/Main/<split>.txt under a VOC root.
+
+    Boxes are recorded on the image as displayed (EXIF orientation applied), as the loaders read it. When the image
+    is there and its displayed size differs from the XML's <size>: if <size> is the stored (un-rotated) size, the
+    boxes were drawn on the stored pixels (LabelImg ignores EXIF) and are turned with the image; otherwise they are
+    scaled to the image (resized after labelling). Both are warned about. A half turn or a mirror (orientations
+    2-4) keeps the size, so it cannot be told apart: those boxes are taken as drawn on the displayed image. Without
+    the image (or when it cannot be read) the XML's <size> is trusted.
+    """
     ann_dir, img_dir = _voc_folders(source, images)
     if split and not image_set:
         image_set = os.path.join(os.path.dirname(ann_dir), "ImageSets", "Main", f"{split}.txt")
@@ -93,7 +214,7 @@ def convert_voc(source: str, *, images: Optional[str] = None, split: Optional[st
     else:
         files = sorted(os.path.join(ann_dir, f) for f in os.listdir(ann_dir) if f.endswith(".xml"))
     if not files:
-        raise OdtkError(f"{ann_dir}: no VOC .xml annotations found")
+        raise OdtkError(f"{image_set}: lists no images")
     coco = _Coco(classes=list(classes or []), fixed_classes=bool(classes))
     for path in files:
         where = os.path.basename(path)
@@ -107,26 +228,26 @@ def convert_voc(source: str, *, images: Optional[str] = None, split: Optional[st
         name = (root.findtext("filename") or "").strip() or os.path.splitext(where)[0] + ".jpg"
         if not os.path.splitext(name)[1]:
             name += ".jpg"
-        size = root.find("size")
-        width = int(float(size.findtext("width", "0"))) if size is not None else 0
-        height = int(float(size.findtext("height", "0"))) if size is not None else 0
-        if width <= 0 or height <= 0:
-            width, height = _image_size(os.path.join(img_dir, name))
-        image_id = coco.add_image(name, width, height)
+        image_size, to_image = _voc_frame(path, _xml_size(root), os.path.join(img_dir, name), coco)
+        image_id = coco.add_image(name, *image_size)
         for obj in root.iter("object"):
             cat = coco.category((obj.findtext("name") or "").strip(), where)
             bb = obj.find("bndbox")
             if cat is None or bb is None:
                 continue
-            x1, y1, x2, y2 = (float(bb.findtext(k, "0")) for k in ("xmin", "ymin", "xmax", "ymax"))
-            x1, x2 = max(0.0, x1), min(float(width), x2)
-            y1, y2 = max(0.0, y1), min(float(height), y2)
-            coco.add_box(image_id, cat, x1, y1, x2, y2, where, iscrowd=int(obj.findtext("difficult", "0") or 0))
+            try:
+                box = tuple(float(bb.findtext(k, "0")) for k in ("xmin", "ymin", "xmax", "ymax"))
+            except ValueError:
+                coco.skip("malformed <bndbox>", where)
+                continue
+            coco.add_box(image_id, cat, to_image(box), image_size, where,
+                         iscrowd=int(obj.findtext("difficult", "0") or 0))
+    coco.log_notes(ann_dir)
     return coco.to_json(sort_classes=True), coco.skipped
 
 
 def convert_yolo(source: str, *, images: str, classes: Optional[List[str]] = None) -> Tuple[dict, dict]:
-    """YOLO labels (class cx cy w h, normalised) + images folder -> COCO dict."""
+    """YOLO labels (class cx cy w h, fractions of the image as displayed) + images folder -> COCO dict."""
     if not images or not os.path.isdir(images):
         raise OdtkError(f"{images}: YOLO conversion needs --images, the folder of the labelled images")
     if not os.path.isdir(source):
@@ -137,7 +258,8 @@ def convert_yolo(source: str, *, images: str, classes: Optional[List[str]] = Non
     if not stems:
         raise OdtkError(f"{images}: no images found")
     for stem, file_name in stems.items():
-        width, height = _image_size(os.path.join(images, file_name))
+        # YOLO labels are fractions of the image as displayed (ultralytics applies EXIF orientation): so is its size
+        width, height = displayed_size(*_read_size(os.path.join(images, file_name)))
         image_id = coco.add_image(file_name, width, height)
         label = os.path.join(source, stem + ".txt")
         if not os.path.isfile(label):
@@ -159,9 +281,8 @@ def convert_yolo(source: str, *, images: str, classes: Optional[List[str]] = Non
                 cat = idx + 1
                 while len(coco.classes) < cat:     # unnamed classes are called by their index
                     coco.classes.append(str(len(coco.classes)))
-                x1, y1 = max(0.0, (cx - w / 2) * width), max(0.0, (cy - h / 2) * height)
-                x2, y2 = min(float(width), (cx + w / 2) * width), min(float(height), (cy + h / 2) * height)
-                coco.add_box(image_id, cat, x1, y1, x2, y2, where)
+                box = ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
+                coco.add_box(image_id, cat, box, (width, height), where)
     return coco.to_json(), coco.skipped
 
 

@@ -169,16 +169,81 @@ def read_coco(path: str) -> dict:
     return coco
 
 
+def _no_categories(path: str, coco: dict) -> str:
+    """Why a COCO file without 'categories' cannot define a model's classes, and the fix."""
+    ids = sorted({a["category_id"] for a in coco["annotations"]
+                  if isinstance(a, dict) and isinstance(a.get("category_id"), int)})
+    used = f" (its annotations use category_id {', '.join(map(str, ids[:10]))}{', ...' if len(ids) > 10 else ''})"
+    return (f"{path}: no 'categories', so no classes to train; add one entry per class, e.g. "
+            f"\"categories\": [{{\"id\": 1, \"name\": \"cat\"}}]" + (used if ids else ""))
+
+
+MALFORMED = "malformed (needs image_id, category_id and a finite bbox [x, y, width, height])"
+# why an annotation is dropped -> the field the warning quotes from the first such annotation
+DROPPED = {
+    MALFORMED: None,
+    "image_id not in 'images'": None,
+    "category_id not in 'categories'": "category_id",
+    "crowd (iscrowd)": None,
+    "invalid (negative size)": "bbox",
+    "zero-area": "bbox",
+    "outside the image": "bbox",
+}
+
+
+def annotation_box(a: dict, sizes: Dict[int, Tuple[Optional[int], Optional[int]]],
+                   categories: set) -> Tuple[Optional[Tuple[float, float, float, float]], Optional[str]]:
+    """(x1, y1, x2, y2) clipped to the image when `sizes` has its size, or (None, why it is unusable: a DROPPED key)."""
+    try:
+        x, y, w, h = (float(v) for v in a["bbox"])
+        known_image, known_category = a["image_id"] in sizes, a["category_id"] in categories
+    except (KeyError, TypeError, ValueError):     # a missing key, a bbox of the wrong length, a list as an id
+        return None, MALFORMED
+    if not all(map(math.isfinite, (x, y, w, h))):
+        return None, MALFORMED
+    if not known_image:
+        return None, "image_id not in 'images'"
+    if not known_category:
+        return None, "category_id not in 'categories'"
+    if a.get("iscrowd", 0):
+        return None, "crowd (iscrowd)"
+    if w < 0 or h < 0:
+        return None, "invalid (negative size)"
+    if w == 0 or h == 0:
+        return None, "zero-area"
+    x1, y1, x2, y2 = x, y, x + w, y + h
+    width, height = sizes[a["image_id"]]
+    if width and height:
+        x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+        if x2 <= x1 or y2 <= y1:
+            return None, "outside the image"
+    return (x1, y1, x2, y2), None
+
+
+def _describe(a, why: str) -> str:
+    """The annotation a warning points at: its id, its image and the field at fault."""
+    if not isinstance(a, dict):
+        return repr(a)[:80]
+    parts = [f"annotation {a.get('id', '?')}", f"image_id {a.get('image_id', '?')}"]
+    if DROPPED[why]:
+        parts.append(f"{DROPPED[why]} {a.get(DROPPED[why])}")
+    return ", ".join(parts)
+
+
 class CocoDataset(Dataset):
     """Images of a COCO file (or of a folder, with no annotations) -> normalised tensors and boxes.
 
-    Class indices follow `category_ids` (the model's), else the file's category ids in sorted order.
+    Class indices follow `category_ids` (the model's), else the file's category ids in sorted order: a file with
+    no 'categories' is then an error, not classes guessed from its annotations (whose names it would lack).
+    Annotations that cannot be used are dropped with one warning per reason (DROPPED) naming the first one.
+    A file without a single usable box is an error with `require_boxes` (training), else a warning.
     """
 
     def __init__(self, images: str, annotations: Optional[str] = None, *, resize: int = 800,
                  max_size: int = 1333, jitter: Optional[Tuple[int, int]] = None, augment: Optional[Augment] = None,
                  category_ids: Optional[Sequence[int]] = None, mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 std: Sequence[float] = (0.229, 0.224, 0.225), fit: Optional[Tuple[int, int]] = None):
+                 std: Sequence[float] = (0.229, 0.224, 0.225), fit: Optional[Tuple[int, int]] = None,
+                 require_boxes: bool = False):
         self.root = images
         self.resize, self.max_size, self.jitter = resize, max_size, jitter
         self.fit = fit      # (height, width) of a fixed-size model: scale the image to fit inside it
@@ -190,6 +255,8 @@ class CocoDataset(Dataset):
             coco = read_coco(annotations)
             self.coco_path = annotations
             cats = sorted(c["id"] for c in coco["categories"])
+            if category_ids is None and not cats:
+                raise OdtkError(_no_categories(annotations, coco))
             self.category_ids = list(category_ids) if category_ids is not None else cats
             self.class_names = {c["id"]: c.get("name", str(c["id"])) for c in coco["categories"]}
             unknown = sorted(set(cats) - set(self.category_ids))
@@ -198,10 +265,12 @@ class CocoDataset(Dataset):
                                 f"{self.category_ids} (train a new model, or --fine-tune from this one)")
             self.ids = [im["id"] for im in coco["images"]]
             self.files = {im["id"]: im["file_name"] for im in coco["images"]}
-            self._index_boxes(coco, annotations)
+            self._index_boxes(coco, annotations, require_boxes)
         else:
             if not os.path.isdir(images):
                 raise OdtkError(f"{images}: images folder not found")
+            if require_boxes:
+                raise OdtkError(f"{images}: no annotations to train on (give a COCO file with --annotations)")
             names = find_images(images)
             if not names:
                 raise OdtkError(f"{images}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
@@ -215,36 +284,31 @@ class CocoDataset(Dataset):
             raise OdtkError(f"{os.path.join(images, missing[0])}: image file not found"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
-    def _index_boxes(self, coco: dict, path: str) -> None:
+    def _index_boxes(self, coco: dict, path: str, require_boxes: bool) -> None:
         index = {c: i for i, c in enumerate(self.category_ids)}
         sizes = {im["id"]: (im.get("width"), im.get("height")) for im in coco["images"]}
+        categories = {c["id"] for c in coco["categories"]}
         per_image: Dict[int, list] = {i: [] for i in self.ids}
-        dropped = {"zero-area": 0, "crowd": 0, "outside the image": 0, "unknown image": 0}
+        dropped: Dict[str, Tuple[int, dict]] = {}      # why -> (count, first annotation)
         for a in coco["annotations"]:
-            if a["image_id"] not in per_image:
-                dropped["unknown image"] += 1
-                continue
-            if a.get("iscrowd", 0):
-                dropped["crowd"] += 1
-                continue
-            x, y, w, h = a["bbox"]
-            x1, y1, x2, y2 = x, y, x + w, y + h
-            width, height = sizes[a["image_id"]]
-            if width and height:
-                x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
-                if x2 <= x1 or y2 <= y1:
-                    dropped["zero-area" if w <= 0 or h <= 0 else "outside the image"] += 1
-                    continue
-            elif w <= 0 or h <= 0:
-                dropped["zero-area"] += 1
-                continue
-            per_image[a["image_id"]].append((x1, y1, x2, y2, index[a["category_id"]]))
+            box, why = annotation_box(a, sizes, categories)
+            if why:
+                n, first = dropped.get(why, (0, a))
+                dropped[why] = (n + 1, first)
+            else:
+                per_image[a["image_id"]].append((*box, index[a["category_id"]]))
         for i, rows in per_image.items():
             t = torch.tensor(rows, dtype=torch.float32).reshape(-1, 5)
             self.boxes[i], self.labels[i] = t[:, :4], t[:, 4].long()
-        for why, n in dropped.items():
-            if n:
-                log.warning(f"{path}: dropped {n} {why} box{'es' if n > 1 else ''}")
+        for why, (n, first) in dropped.items():
+            log.warning(f"{path}: dropped {n} box{'es' if n > 1 else ''}: {why}; first: {_describe(first, why)}")
+        if not any(len(rows) for rows in per_image.values()):
+            detail = (f"all {len(coco['annotations'])} annotations were dropped (see above)" if coco["annotations"]
+                      else "it has no 'annotations'")
+            if require_boxes:
+                raise OdtkError(f"{path}: no boxes to train on ({detail}); each object needs an annotation with "
+                                f"image_id, category_id and bbox [x, y, width, height]")
+            log.warning(f"{path}: not a single box in any image ({detail})")
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -221,7 +221,7 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
     batch = cfg.batch if cfg.batch is not None else 2 * ctx.world_size   # train() checked that it splits evenly
     resumed = Model.load(cfg.model, ema=False) if os.path.exists(cfg.model) and not cfg.override else None
     dataset = CocoDataset(cfg.images, cfg.annotations, resize=cfg.resize, max_size=cfg.max_size,
-                          jitter=cfg.jitter, augment=cfg.augment,
+                          jitter=cfg.jitter, augment=cfg.augment, require_boxes=True,
                           category_ids=resumed[0].config.category_ids if resumed else None)
     if cfg.val_annotations:   # fail on a bad validation set now, not hours into training
         CocoDataset(cfg.val_images or cfg.images, cfg.val_annotations, category_ids=dataset.category_ids)

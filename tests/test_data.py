@@ -88,7 +88,8 @@ def test_awkward_images_and_boxes(tmp_path, caplog):
             {"id": 3, "image_id": 2, "category_id": 5, "bbox": [50, 50, 5, 5], "iscrowd": 0},
             {"id": 4, "image_id": 2, "category_id": 5, "bbox": [35, 20, 20, 20], "iscrowd": 0}]
     ds = CocoDataset(str(tmp_path), _coco(tmp_path / "a.json", images, anns), resize=30, max_size=100)
-    assert "dropped 1 zero-area box" in caplog.text and "dropped 1 outside the image box" in caplog.text
+    assert "a.json: dropped 1 box: zero-area; first: annotation 2, image_id 1, bbox [7, 7, 0, 0]" in caplog.text
+    assert "a.json: dropped 1 box: outside the image; first: annotation 3" in caplog.text
     assert ds.boxes[2].tolist() == [[35, 20, 40, 30]]          # clipped to the image
     shapes = [ds[i][0].shape for i in range(3)]
     assert shapes == [(3, 30, 40), (3, 30, 40), (3, 40, 30)]  # gray/RGBA -> RGB, EXIF turned upright
