@@ -124,7 +124,7 @@ def _read_ids(image_set: str) -> List[str]:
         return [line.split()[0] for line in f if line.strip()]
 
 
-def _read_size(path: str) -> Tuple[Tuple[int, int], int]:
+def read_size(path: str) -> Tuple[Tuple[int, int], int]:
     """(stored width, height) and EXIF orientation (1 when none) of an image, reading only its header."""
     try:
         with Image.open(path) as im:
@@ -172,7 +172,7 @@ def _voc_frame(xml: str, xml_size: Tuple[int, int], image: str,
             raise OdtkError(f"{xml}: no <size>, and its image {image} is not there to read it from (--images)")
         return xml_size, _unchanged
     try:
-        stored, orientation = _read_size(image)
+        stored, orientation = read_size(image)
     except OdtkError as e:
         if min(xml_size) <= 0:
             raise
@@ -259,7 +259,7 @@ def convert_yolo(source: str, *, images: str, classes: Optional[List[str]] = Non
         raise OdtkError(f"{images}: no images found")
     for stem, file_name in stems.items():
         # YOLO labels are fractions of the image as displayed (ultralytics applies EXIF orientation): so is its size
-        width, height = displayed_size(*_read_size(os.path.join(images, file_name)))
+        width, height = displayed_size(*read_size(os.path.join(images, file_name)))
         image_id = coco.add_image(file_name, width, height)
         label = os.path.join(source, stem + ".txt")
         if not os.path.isfile(label):

@@ -17,10 +17,8 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.ops import box_iou
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from .convert import IMAGE_EXTENSIONS
+from .convert import IMAGE_EXTENSIONS, displayed_size, read_size
 from .utils import OdtkError, log
-
-EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -55,13 +53,10 @@ def load_image(path: str) -> Tensor:
         return torch.from_numpy(np.array(im)).permute(2, 0, 1)
 
 
-def displayed_size(path: str) -> Tuple[int, int]:
+def image_size(path: str) -> Tuple[int, int]:
     """(height, width) of an image file as displayed (EXIF orientation applied, as load_image does), from its
     header alone."""
-    with Image.open(path) as im:
-        width, height = im.size
-        if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):    # the quarter turns
-            width, height = height, width
+    width, height = displayed_size(*read_size(path))
     return height, width
 
 

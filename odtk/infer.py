@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Tuple
 
 from tqdm import tqdm
 
-from .data import CocoDataset, displayed_size, loader_factory
+from .data import CocoDataset, image_size, loader_factory
 from .detector import Detector
 from .distributed import Context, gather
 from .evaluate import evaluate
@@ -43,7 +43,7 @@ class _Sizes:
     def __call__(self, ids: List[int]) -> List[Tuple[int, int]]:
         for i in ids:
             if i not in self.known:
-                self.known[i] = displayed_size(os.path.join(self.dataset.root, self.dataset.files[i]))
+                self.known[i] = image_size(os.path.join(self.dataset.root, self.dataset.files[i]))
         return [self.known[i] for i in ids]
 
 

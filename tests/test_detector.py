@@ -162,3 +162,23 @@ def test_bccd_photo_every_input_type_equals_odtk_infer(bccd_model, tmp_path):
     found = _check_inputs_agree(Detector.load(model), path, resize=256, max_size=352)
     _assert_same_as_infer(found, _rows_of(rows, first["id"]))
     assert found.image_size == (480, 640)
+
+
+def test_odtk_infer_clips_each_image_to_its_own_size(trained, tmp_path):
+    """A batch of mixed sizes: the small image's boxes stop at its own edges, not the padded batch's."""
+    model, images, _, _, _ = trained
+    first = Image.open(os.path.join(images, sorted(os.listdir(images))[0])).convert("RGB")
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    first.resize((256, 192)).save(folder / "a_big.png")
+    first.resize((64, 48)).save(folder / "b_small.png")
+    output = str(tmp_path / "rows.json")
+    assert main(["infer", model, "--images", str(folder), "--output", output, "--batch", "2", "--resize", "192",
+                 "--max-size", "256", "--loader-workers", "0"]) == 0
+    rows = json.load(open(output))
+    sizes = {1: (256, 192), 2: (64, 48)}
+    assert {r["image_id"] for r in rows} == {1, 2}
+    for r in rows:
+        x, y, w, h = r["bbox"]
+        width, height = sizes[r["image_id"]]
+        assert x >= 0 and y >= 0 and x + w <= width + 0.01 and y + h <= height + 0.01
