@@ -171,12 +171,12 @@ def test_odtk_infer_clips_each_image_to_its_own_size(trained, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()
     first.resize((256, 192)).save(folder / "a_big.png")
-    first.resize((64, 48)).save(folder / "b_small.png")
+    first.resize((48, 64)).save(folder / "b_small.png")   # portrait: padded to the batch's width
     output = str(tmp_path / "rows.json")
     assert main(["infer", model, "--images", str(folder), "--output", output, "--batch", "2", "--resize", "192",
                  "--max-size", "256", "--loader-workers", "0"]) == 0
     rows = json.load(open(output))
-    sizes = {1: (256, 192), 2: (64, 48)}
+    sizes = {1: (256, 192), 2: (48, 64)}
     assert {r["image_id"] for r in rows} == {1, 2}
     for r in rows:
         x, y, w, h = r["bbox"]
