@@ -255,7 +255,7 @@ def to_uint8(image: ImageInput) -> Tensor:
             image = image[:, :, None]
         if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
             raise OdtkError(f"numpy image of shape {image.shape}: expected H x W x 3 (RGB)")
-        image = torch.from_numpy(np.ascontiguousarray(image[:, :, :3])).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(image[:, :, :3])).permute(2, 0, 1)   # a copy: arrays may be read-only
     if not isinstance(image, Tensor):
         raise OdtkError(f"{type(image).__name__}: not an image (give a path, PIL image, numpy array or tensor)")
     if image.dim() != 3 or image.shape[0] not in (1, 3):
