@@ -34,6 +34,10 @@ class InferConfig:
     with_dali: bool = False
     verbose: bool = False
 
+    def __post_init__(self) -> None:
+        from .checks import check_infer
+        check_infer(self)
+
 
 def to_coco(scores, boxes, classes, image_ids, ratios, category_ids: List[int]) -> List[dict]:
     """Model outputs (input pixels) -> COCO result rows in original pixels and dataset category ids."""

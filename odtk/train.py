@@ -17,11 +17,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .backbones import find_weights, load_imagenet
+from .backbones import BACKBONES, find_weights, load_imagenet
+from .checks import at_least, check_writable, non_negative, ordered_range, positive
 from .data import Augment, CocoDataset, loader_factory
-from .distributed import MASTER, Context, StopRequest, launch, local_workers, torchrun_context
+from .distributed import MASTER, Context, StopRequest, check_nodes, launch, local_workers, torchrun_context
 from .model import Model, ModelConfig
 from .utils import OdtkError, log
+
+DEFAULT_BACKBONE = "ResNet50FPN"
 
 
 @dataclass
@@ -29,7 +32,7 @@ class TrainConfig:
     model: str
     annotations: str
     images: str = "."
-    backbone: List[str] = field(default_factory=lambda: ["ResNet50FPN"])
+    backbone: Optional[List[str]] = None   # None: DEFAULT_BACKBONE for a new model, the checkpoint's on resume
     classes: Optional[int] = None
     batch: Optional[int] = None     # global, split over the workers (ODTK); default 2 per worker
     resize: int = 800
@@ -65,6 +68,36 @@ class TrainConfig:
     master: str = MASTER
     verbose: bool = False
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse settings that would crash later or train on nonsense (NaN lr, 1-pixel images), flag by flag."""
+        for name in self.backbone or []:
+            if name not in BACKBONES:
+                raise OdtkError(f"--backbone {name}: unknown backbone (choose from {', '.join(BACKBONES)})")
+        for flag, value in (("--classes", self.classes), ("--batch", self.batch), ("--resize", self.resize),
+                            ("--max-size", self.max_size), ("--iters", self.iters), ("--val-iters", self.val_iters)):
+            at_least(flag, value, 1)
+        for flag, value in (("--warmup", self.warmup), ("--loader-workers", self.loader_workers)):
+            at_least(flag, value, 0)
+        ordered_range("--jitter", self.jitter, low=1)
+        ordered_range("--anchor-ious", self.anchor_ious, low=0, high=1)
+        for flag, value in (("--lr", self.lr), ("--schedule", self.schedule), ("--gamma", self.gamma),
+                            *(("--anchor-scales", s) for s in self.anchor_scales or [])):
+            positive(flag, value)
+        for flag, value in (("--regularization-l2", self.regularization_l2), ("--clip-grad", self.clip_grad),
+                            *((f"--augment-{k}", getattr(self.augment, k))
+                              for k in ("brightness", "contrast", "saturation", "hue"))):
+            non_negative(flag, value)
+        if self.ema and not 0 < self.ema < 1:
+            raise OdtkError(f"--ema {self.ema}: the decay must be between 0 and 1 (e.g. 0.9999)")
+        if int(self.iters * self.schedule) < 1:
+            raise OdtkError(f"--iters {self.iters} --schedule {self.schedule}: less than one iteration")
+        for m in self.milestones:
+            at_least("--milestones", m, 1)
+        check_nodes(self.nodes, self.node_rank)
+
 
 def lr_factor(iteration: int, *, warmup: int, milestones, gamma: float) -> float:
     """ODTK's schedule: linear warmup from 0.1x, then x gamma at each milestone passed."""
@@ -93,9 +126,10 @@ def build_model(cfg: TrainConfig, dataset: CocoDataset) -> Tuple[Model, dict]:
         model.load_state_dict({k: v for k, v in base.state_dict().items() if own[k].shape == v.shape},
                               strict=False)
         return model, {}
-    weights = {b: find_weights(b, cfg.backbone_weights) for b in cfg.backbone}
+    backbones = list(cfg.backbone or [DEFAULT_BACKBONE])
+    weights = {b: find_weights(b, cfg.backbone_weights) for b in backbones}
     pretrained = all(weights.values())
-    config = ModelConfig(backbones=list(cfg.backbone), num_classes=num_classes, anchor_ious=list(cfg.anchor_ious),
+    config = ModelConfig(backbones=backbones, num_classes=num_classes, anchor_ious=list(cfg.anchor_ious),
                          pretrained=pretrained, category_ids=dataset.category_ids, class_names=names)
     if cfg.anchor_scales:
         config.scales = list(cfg.anchor_scales)
@@ -199,10 +233,8 @@ def set_rng_state(state: dict) -> None:
 
 def train(cfg: TrainConfig) -> Optional[Dict[str, float]]:
     """Train with cfg: checks inputs here (one-line errors), then runs one worker per device."""
-    if cfg.batch is not None and cfg.batch < 1 or cfg.iters < 1:
-        raise OdtkError("--batch and --iters must be positive")
-    if cfg.ema and not 0 < cfg.ema < 1:
-        raise OdtkError(f"--ema {cfg.ema}: the decay must be between 0 and 1 (e.g. 0.9999)")
+    cfg.validate()   # again: the fields may have been changed since construction
+    check_writable(cfg.model, "MODEL")
     for path in (cfg.annotations, cfg.val_annotations):   # before any worker starts: one message, not N
         if path and not os.path.isfile(path):
             raise OdtkError(f"{path}: annotations file not found")
