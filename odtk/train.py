@@ -216,6 +216,12 @@ class ModelEMA:
         return {"state_dict": self.module.state_dict(), "updates": self.updates, "decay": self.decay}
 
 
+@torch.no_grad()
+def finite_weights(model: torch.nn.Module) -> bool:
+    """No NaN/inf in the parameters (cheap next to a save)."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "random": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -303,13 +309,32 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     metrics = Metrics(cfg.logdir, cfg.post_metrics) if ctx.rank == 0 else Metrics(None, None)
 
-    def save():
+    saved_at = [iteration if resumed else None]   # the iteration MODEL holds (None: not written by this run)
+
+    def kept() -> str:
+        return f"{cfg.model} keeps iteration {saved_at[0]}" if saved_at[0] is not None else \
+            f"{cfg.model} was not written by this run"
+
+    def save(final: bool = False):
+        # every rank checks (same weights everywhere), so all stop together; a poisoned file is never written
+        if not finite_weights(model):
+            raise OdtkError(f"weights are not finite at iteration {iteration}: training diverged; try a lower --lr "
+                            f"(now {cfg.lr}) or a longer --warmup; {kept()}")
         if ctx.rank == 0:
             extra = {"scaler": scaler.state_dict()} if amp else {}
             if ema:
                 extra["ema"] = ema.state_dict()
-            model.save(cfg.model, iteration=iteration, optimizer=optimizer.state_dict(),
-                       scheduler=scheduler.state_dict(), rng=rng_state(), **extra)
+            try:
+                model.save(cfg.model, iteration=iteration, optimizer=optimizer.state_dict(),
+                           scheduler=scheduler.state_dict(), rng=rng_state(), **extra)
+            except OSError as e:   # training state stays in memory: retry at the next save, fail on the last
+                if final:
+                    raise OdtkError(f"{cfg.model}: cannot save the checkpoint at iteration {iteration} ({e}); "
+                                    f"{kept()}") from None
+                log.warning(f"{cfg.model}: cannot save the checkpoint at iteration {iteration} ({e}); training goes "
+                          f"on and retries at the next save")
+                return
+            saved_at[0] = iteration
             log.debug(f"saved {cfg.model} at iteration {iteration}")
 
     log.debug(f"model config: {model.config}")
@@ -335,8 +360,8 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
             shared[:2] /= ctx.world_size
         cls_loss, box_loss, stop_votes = shared.tolist()
         if not math.isfinite(cls_loss + box_loss):
-            raise OdtkError(f"loss is {cls_loss + box_loss} at iteration {iteration}: training diverged; try a lower "
-                            f"--lr (now {cfg.lr}) or a longer --warmup; {cfg.model} was not overwritten by this step")
+            raise OdtkError(f"loss is {cls_loss + box_loss} at iteration {iteration + 1}: training diverged; try a "
+                            f"lower --lr (now {cfg.lr}) or a longer --warmup; {kept()}")
         if cfg.clip_grad:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
@@ -369,10 +394,14 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
                     if iteration % 10 == 0 or iteration == iters:
                         metrics.log(values, iteration)
                     if iteration % cfg.val_iters == 0 or iteration == iters or time.time() - last_save > 600:
-                        save()
+                        save(final=iteration == iters)
                         last_save = time.time()
                     if cfg.val_annotations and (iteration % cfg.val_iters == 0 or iteration == iters):
-                        ap = validate(ema.module if ema else model, cfg, ctx, batch=per_rank)
+                        try:
+                            ap = validate(ema.module if ema else model, cfg, ctx, batch=per_rank)
+                        except OSError as e:   # rank 0 writing the detections: training matters more
+                            log.warning(f"validation at iteration {iteration} skipped: {e}")
+                            ap = {}
                         if ap:
                             metrics.log({"val/AP": ap["AP"], "val/AP50": ap["AP50"]}, iteration)
                         model.train()
@@ -387,7 +416,7 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
     bar.close()
     metrics.close()
     if stopped:
-        save()
+        save(final=True)
         log.warning(f"stopped by {stop.signal or 'another worker'}: saved {cfg.model} at iteration {iteration}; "
                     f"run the same command to resume")
         # only rank 0 reports 130: a launcher stops the other workers when one exits non-zero, rank 0 mid-save too
