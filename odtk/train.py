@@ -144,6 +144,22 @@ def build_model(cfg: TrainConfig, dataset: CocoDataset) -> Tuple[Model, dict]:
     return model, {}
 
 
+def check_resume(cfg: TrainConfig, config: ModelConfig) -> None:
+    """Resuming keeps the checkpoint's model: refuse --backbone/--classes/--anchor-scales that say otherwise rather
+    than ignore them."""
+    asked = {"--backbone": (cfg.backbone, config.backbones), "--classes": (cfg.classes, config.num_classes),
+             "--anchor-scales": (cfg.anchor_scales, config.scales)}
+    for flag, (wanted, saved) in asked.items():
+        if wanted is not None and (list(wanted) if isinstance(wanted, (list, tuple)) else wanted) != saved:
+            raise OdtkError(f"{cfg.model}: resuming keeps the checkpoint's {flag} {_shown(saved)}, not "
+                            f"{_shown(wanted)}; drop {flag} to resume, or add --override to train a new model "
+                            f"(overwrites {cfg.model})")
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 class Metrics:
     """TensorBoard (tensorboardX) and --post-metrics. Posts go through a background thread with a timeout: a
     metrics server that is slow or down never blocks or stops training (it is warned about once)."""
@@ -265,6 +281,7 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
         CocoDataset(cfg.val_images or cfg.images, cfg.val_annotations, category_ids=dataset.category_ids)
     if resumed:
         model, state = resumed
+        check_resume(cfg, model.config)
         log.info(f"resuming {cfg.model} at iteration {state.get('iteration', 0)}")
     else:
         model, state = build_model(cfg, dataset)
