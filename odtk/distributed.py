@@ -56,6 +56,11 @@ def local_workers(requested: Optional[int]) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
+def check_nodes(nodes: int, node_rank: int) -> None:
+    if nodes < 1 or not 0 <= node_rank < nodes:
+        raise OdtkError(f"--nodes {nodes} --node-rank {node_rank}: need 0 <= node rank < nodes")
+
+
 def init(ctx: Context, master: str = MASTER, verbose: bool = False) -> None:
     """Per-worker set-up: logging (rank 0 speaks), device, CPU threads, process group."""
     setup_logging(verbose)
@@ -114,8 +119,7 @@ def launch(fn: Callable[[Context], Any], *, workers: Optional[int] = None, nodes
             return fn(ctx)
         finally:
             shutdown()
-    if nodes < 1 or not 0 <= node_rank < nodes:
-        raise OdtkError(f"--nodes {nodes} --node-rank {node_rank}: need 0 <= node rank < nodes")
+    check_nodes(nodes, node_rank)
     local = local_workers(workers)
     if local == 1 and nodes == 1:
         ctx = Context()

@@ -33,11 +33,15 @@ class ExportConfig:
     opset: int = DEFAULT_OPSET
     full_precision: bool = False
     int8: bool = False
-    calibration_images: str = "."
+    calibration_images: Optional[str] = None   # required with int8, unless calibration_table exists
     calibration_batches: int = 2
     calibration_table: str = ""
     dynamic_batch_opts: Optional[Tuple[int, int, int]] = None
     verbose: bool = False
+
+    def __post_init__(self) -> None:
+        from .checks import check_export
+        check_export(self)
 
 
 def export_size(size: Sequence[int], divisible: int) -> Tuple[int, int]:

@@ -31,6 +31,10 @@ class InferConfig:
     with_dali: bool = False
     verbose: bool = False
 
+    def __post_init__(self) -> None:
+        from .checks import check_infer
+        check_infer(self)
+
 
 class _Sizes:
     """(height, width) as displayed of a dataset's images, from their headers, once each: detections are clipped

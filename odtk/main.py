@@ -31,7 +31,8 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("model", help="output model checkpoint (.pth); resumed when it exists unless --override")
     p.add_argument("--annotations", required=True, help="COCO annotations JSON")
     p.add_argument("--images", default=".", help="folder of the training images")
-    p.add_argument("--backbone", nargs="+", default=["ResNet50FPN"], metavar="NAME", help=BACKBONE_HELP)
+    p.add_argument("--backbone", nargs="+", default=None, metavar="NAME",
+                   help=f"{BACKBONE_HELP} (default: ResNet50FPN; resuming keeps the checkpoint's)")
     p.add_argument("--classes", type=int, default=None,
                    help="number of classes (default: the categories of --annotations; ODTK's 80 for COCO)")
     p.add_argument("--batch", type=int, default=None,
@@ -104,7 +105,8 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--int8", action="store_true",
                    help="INT8: static post-training quantization to a Q/DQ ONNX calibrated on --calibration-images")
     p.add_argument("--calibration-batches", type=int, default=2, help="calibration batches")
-    p.add_argument("--calibration-images", default=".", help="folder of calibration images")
+    p.add_argument("--calibration-images", default=None, metavar="FOLDER",
+                   help="folder of calibration images (required with --int8 unless --calibration-table exists)")
     p.add_argument("--calibration-table", default="", help="calibration table to save/reuse")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     p.add_argument("--raw-heads", action="store_true",
@@ -156,15 +158,17 @@ def run(args: argparse.Namespace) -> None:
             master=args.master, with_dali=args.with_dali, verbose=args.verbose)
         train(cfg)
     elif args.command == "infer":
+        from .checks import check_writable
         from .infer import InferConfig, infer
+        check_writable(args.output, "--output", "detections.json")
         infer(InferConfig(model=args.model, images=args.images, annotations=args.annotations, output=args.output,
                           batch=args.batch, resize=args.resize, max_size=args.max_size,
                           full_precision=args.full_precision, loader_workers=args.loader_workers,
                           with_dali=args.with_dali, verbose=args.verbose))
     elif args.command == "export":
+        from .checks import check_writable
         from .export import ExportConfig, export
-        if args.opset < 17:
-            raise OdtkError(f"--opset {args.opset}: odtk exports need opset 17 or newer")
+        check_writable(args.export, "the export output", "model.onnx")
         export(ExportConfig(model=args.model, output=args.export, size=tuple(args.size), batch=args.batch,
                             raw_heads=args.raw_heads, opset=args.opset, full_precision=args.full_precision,
                             int8=args.int8, calibration_images=args.calibration_images,
@@ -188,7 +192,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging(args.verbose)
     try:
         run(args)
-    except OdtkError as e:
+    except (OdtkError, OSError) as e:   # OSError: a file that failed after the up-front checks (disk full, ...)
         log.error(f"odtk {args.command}: error: {e}")
         return 2
     except KeyboardInterrupt:

@@ -17,11 +17,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .backbones import find_weights, load_imagenet
+from .backbones import BACKBONES, find_weights, load_imagenet
+from .checks import at_least, check_writable, non_negative, ordered_range, positive
 from .data import Augment, CocoDataset, loader_factory
-from .distributed import MASTER, Context, StopRequest, launch, local_workers, torchrun_context
+from .distributed import MASTER, Context, StopRequest, check_nodes, launch, local_workers, torchrun_context
 from .model import Model, ModelConfig
 from .utils import OdtkError, log
+
+DEFAULT_BACKBONE = "ResNet50FPN"
 
 
 @dataclass
@@ -29,7 +32,7 @@ class TrainConfig:
     model: str
     annotations: str
     images: str = "."
-    backbone: List[str] = field(default_factory=lambda: ["ResNet50FPN"])
+    backbone: Optional[List[str]] = None   # None: DEFAULT_BACKBONE for a new model, the checkpoint's on resume
     classes: Optional[int] = None
     batch: Optional[int] = None     # global, split over the workers (ODTK); default 2 per worker
     resize: int = 800
@@ -65,6 +68,36 @@ class TrainConfig:
     master: str = MASTER
     verbose: bool = False
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse settings that would crash later or train on nonsense (NaN lr, 1-pixel images), flag by flag."""
+        for name in self.backbone or []:
+            if name not in BACKBONES:
+                raise OdtkError(f"--backbone {name}: unknown backbone (choose from {', '.join(BACKBONES)})")
+        for flag, value in (("--classes", self.classes), ("--batch", self.batch), ("--resize", self.resize),
+                            ("--max-size", self.max_size), ("--iters", self.iters), ("--val-iters", self.val_iters)):
+            at_least(flag, value, 1)
+        for flag, value in (("--warmup", self.warmup), ("--loader-workers", self.loader_workers)):
+            at_least(flag, value, 0)
+        ordered_range("--jitter", self.jitter, low=1)
+        ordered_range("--anchor-ious", self.anchor_ious, low=0, high=1)
+        for flag, value in (("--lr", self.lr), ("--schedule", self.schedule), ("--gamma", self.gamma),
+                            *(("--anchor-scales", s) for s in self.anchor_scales or [])):
+            positive(flag, value)
+        for flag, value in (("--regularization-l2", self.regularization_l2), ("--clip-grad", self.clip_grad),
+                            *((f"--augment-{k}", getattr(self.augment, k))
+                              for k in ("brightness", "contrast", "saturation", "hue"))):
+            non_negative(flag, value)
+        if self.ema and not 0 < self.ema < 1:
+            raise OdtkError(f"--ema {self.ema}: the decay must be between 0 and 1 (e.g. 0.9999)")
+        if int(self.iters * self.schedule) < 1:
+            raise OdtkError(f"--iters {self.iters} --schedule {self.schedule}: less than one iteration")
+        for m in self.milestones:
+            at_least("--milestones", m, 1)
+        check_nodes(self.nodes, self.node_rank)
+
 
 def lr_factor(iteration: int, *, warmup: int, milestones, gamma: float) -> float:
     """ODTK's schedule: linear warmup from 0.1x, then x gamma at each milestone passed."""
@@ -93,9 +126,10 @@ def build_model(cfg: TrainConfig, dataset: CocoDataset) -> Tuple[Model, dict]:
         model.load_state_dict({k: v for k, v in base.state_dict().items() if own[k].shape == v.shape},
                               strict=False)
         return model, {}
-    weights = {b: find_weights(b, cfg.backbone_weights) for b in cfg.backbone}
+    backbones = list(cfg.backbone or [DEFAULT_BACKBONE])
+    weights = {b: find_weights(b, cfg.backbone_weights) for b in backbones}
     pretrained = all(weights.values())
-    config = ModelConfig(backbones=list(cfg.backbone), num_classes=num_classes, anchor_ious=list(cfg.anchor_ious),
+    config = ModelConfig(backbones=backbones, num_classes=num_classes, anchor_ious=list(cfg.anchor_ious),
                          pretrained=pretrained, category_ids=dataset.category_ids, class_names=names)
     if cfg.anchor_scales:
         config.scales = list(cfg.anchor_scales)
@@ -108,6 +142,22 @@ def build_model(cfg: TrainConfig, dataset: CocoDataset) -> Tuple[Model, dict]:
         log.warning("no ImageNet weights found (--backbone-weights, or torch's hub cache): training starts from "
                     "random weights, with trainable BatchNorm")
     return model, {}
+
+
+def check_resume(cfg: TrainConfig, config: ModelConfig) -> None:
+    """Resuming keeps the checkpoint's model: refuse --backbone/--classes/--anchor-scales that say otherwise rather
+    than ignore them."""
+    asked = {"--backbone": (cfg.backbone, config.backbones), "--classes": (cfg.classes, config.num_classes),
+             "--anchor-scales": (cfg.anchor_scales, config.scales)}
+    for flag, (wanted, saved) in asked.items():
+        if wanted is not None and (list(wanted) if isinstance(wanted, (list, tuple)) else wanted) != saved:
+            raise OdtkError(f"{cfg.model}: resuming keeps the checkpoint's {flag} {_shown(saved)}, not "
+                            f"{_shown(wanted)}; drop {flag} to resume, or add --override to train a new model "
+                            f"(overwrites {cfg.model})")
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 class Metrics:
@@ -182,6 +232,12 @@ class ModelEMA:
         return {"state_dict": self.module.state_dict(), "updates": self.updates, "decay": self.decay}
 
 
+@torch.no_grad()
+def finite_weights(model: torch.nn.Module) -> bool:
+    """No NaN/inf in the parameters (cheap next to a save)."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "random": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -199,10 +255,8 @@ def set_rng_state(state: dict) -> None:
 
 def train(cfg: TrainConfig) -> Optional[Dict[str, float]]:
     """Train with cfg: checks inputs here (one-line errors), then runs one worker per device."""
-    if cfg.batch is not None and cfg.batch < 1 or cfg.iters < 1:
-        raise OdtkError("--batch and --iters must be positive")
-    if cfg.ema and not 0 < cfg.ema < 1:
-        raise OdtkError(f"--ema {cfg.ema}: the decay must be between 0 and 1 (e.g. 0.9999)")
+    cfg.validate()   # again: the fields may have been changed since construction
+    check_writable(cfg.model, "MODEL")
     for path in (cfg.annotations, cfg.val_annotations):   # before any worker starts: one message, not N
         if path and not os.path.isfile(path):
             raise OdtkError(f"{path}: annotations file not found")
@@ -227,6 +281,7 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
         CocoDataset(cfg.val_images or cfg.images, cfg.val_annotations, category_ids=dataset.category_ids)
     if resumed:
         model, state = resumed
+        check_resume(cfg, model.config)
         log.info(f"resuming {cfg.model} at iteration {state.get('iteration', 0)}")
     else:
         model, state = build_model(cfg, dataset)
@@ -271,13 +326,32 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     metrics = Metrics(cfg.logdir, cfg.post_metrics) if ctx.rank == 0 else Metrics(None, None)
 
-    def save():
+    saved_at = [iteration if resumed else None]   # the iteration MODEL holds (None: not written by this run)
+
+    def kept() -> str:
+        return f"{cfg.model} keeps iteration {saved_at[0]}" if saved_at[0] is not None else \
+            f"{cfg.model} was not written by this run"
+
+    def save(final: bool = False):
+        # every rank checks (same weights everywhere), so all stop together; a poisoned file is never written
+        if not finite_weights(model):
+            raise OdtkError(f"weights are not finite at iteration {iteration}: training diverged; try a lower --lr "
+                            f"(now {cfg.lr}) or a longer --warmup; {kept()}")
         if ctx.rank == 0:
             extra = {"scaler": scaler.state_dict()} if amp else {}
             if ema:
                 extra["ema"] = ema.state_dict()
-            model.save(cfg.model, iteration=iteration, optimizer=optimizer.state_dict(),
-                       scheduler=scheduler.state_dict(), rng=rng_state(), **extra)
+            try:
+                model.save(cfg.model, iteration=iteration, optimizer=optimizer.state_dict(),
+                           scheduler=scheduler.state_dict(), rng=rng_state(), **extra)
+            except OSError as e:   # training state stays in memory: retry at the next save, fail on the last
+                if final:
+                    raise OdtkError(f"{cfg.model}: cannot save the checkpoint at iteration {iteration} ({e}); "
+                                    f"{kept()}") from None
+                log.warning(f"{cfg.model}: cannot save the checkpoint at iteration {iteration} ({e}); training goes "
+                          f"on and retries at the next save")
+                return
+            saved_at[0] = iteration
             log.debug(f"saved {cfg.model} at iteration {iteration}")
 
     log.debug(f"model config: {model.config}")
@@ -303,8 +377,8 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
             shared[:2] /= ctx.world_size
         cls_loss, box_loss, stop_votes = shared.tolist()
         if not math.isfinite(cls_loss + box_loss):
-            raise OdtkError(f"loss is {cls_loss + box_loss} at iteration {iteration}: training diverged; try a lower "
-                            f"--lr (now {cfg.lr}) or a longer --warmup; {cfg.model} was not overwritten by this step")
+            raise OdtkError(f"loss is {cls_loss + box_loss} at iteration {iteration + 1}: training diverged; try a "
+                            f"lower --lr (now {cfg.lr}) or a longer --warmup; {kept()}")
         if cfg.clip_grad:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
@@ -337,10 +411,14 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
                     if iteration % 10 == 0 or iteration == iters:
                         metrics.log(values, iteration)
                     if iteration % cfg.val_iters == 0 or iteration == iters or time.time() - last_save > 600:
-                        save()
+                        save(final=iteration == iters)
                         last_save = time.time()
                     if cfg.val_annotations and (iteration % cfg.val_iters == 0 or iteration == iters):
-                        ap = validate(ema.module if ema else model, cfg, ctx, batch=per_rank)
+                        try:
+                            ap = validate(ema.module if ema else model, cfg, ctx, batch=per_rank)
+                        except OSError as e:   # rank 0 writing the detections: training matters more
+                            log.warning(f"validation at iteration {iteration} skipped: {e}")
+                            ap = {}
                         if ap:
                             metrics.log({"val/AP": ap["AP"], "val/AP50": ap["AP50"]}, iteration)
                         model.train()
@@ -355,7 +433,7 @@ def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]
     bar.close()
     metrics.close()
     if stopped:
-        save()
+        save(final=True)
         log.warning(f"stopped by {stop.signal or 'another worker'}: saved {cfg.model} at iteration {iteration}; "
                     f"run the same command to resume")
         # only rank 0 reports 130: a launcher stops the other workers when one exits non-zero, rank 0 mid-save too

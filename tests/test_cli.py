@@ -12,7 +12,8 @@ from odtk.model import Model
 
 def test_defaults_follow_odtk():
     a = parse(["train", "m.pth", "--annotations", "a.json"])
-    assert a.backbone == ["ResNet50FPN"] and a.batch is None and a.resize == 800 and a.max_size == 1333
+    assert a.backbone is None and odtk.train.DEFAULT_BACKBONE == "ResNet50FPN"
+    assert a.batch is None and a.resize == 800 and a.max_size == 1333
     assert a.jitter == [640, 1024] and a.iters == 90000 and a.milestones == [60000, 80000]
     assert a.lr == 0.01 and a.warmup == 1000 and a.gamma == 0.1 and a.regularization_l2 == 1e-4
     assert a.val_iters == 8000 and a.anchor_ious == [0.4, 0.5] and a.augment_hue == 0.0002

@@ -171,7 +171,7 @@ def test_signal_saves_a_checkpoint_that_resumes(config, tmp_path, workers, sig):
            "--annotations", config.annotations, "--images", config.images, "--backbone", "MobileNetV2FPN",
            "--backbone-weights", config.backbone_weights, "--batch", "4", "--resize", "128", "--max-size", "128",
            "--jitter", "128", "128", "--iters", "500", "--val-iters", "2", "--loader-workers", "1",
-           "--workers", str(workers)]
+           "--anchor-scales", *map(str, config.anchor_scales), "--workers", str(workers)]
     # a new session: the signal goes to the launcher and its workers, as Ctrl-C in a terminal does
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

@@ -1,0 +1,71 @@
+"""Up-front checks of user settings: each raises OdtkError naming the flag, its value and what it must be, so a bad
+value fails before any work instead of giving NaN boxes, empty validation or a crash hours later."""
+import math
+import os
+from typing import Optional, Sequence
+
+from .utils import OdtkError
+
+
+def at_least(flag: str, value: Optional[int], low: int) -> None:
+    """An integer flag that must be >= low (None: not given, nothing to check)."""
+    if value is not None and value < low:
+        raise OdtkError(f"{flag} {value}: must be at least {low}")
+
+
+def positive(flag: str, value: float) -> None:
+    """A finite number > 0 (NaN and infinity are refused)."""
+    if not (math.isfinite(value) and value > 0):
+        raise OdtkError(f"{flag} {value}: must be a positive finite number")
+
+
+def non_negative(flag: str, value: float) -> None:
+    """A finite number >= 0 (0 usually means off)."""
+    if not (math.isfinite(value) and value >= 0):
+        raise OdtkError(f"{flag} {value}: must be a finite number >= 0")
+
+
+def ordered_range(flag: str, values: Sequence[float], *, low: float, high: float = math.inf) -> None:
+    """Two values MIN MAX with low <= MIN <= MAX <= high."""
+    shown = " ".join(str(v) for v in values)
+    if len(values) != 2:
+        raise OdtkError(f"{flag} {shown}: takes two values, MIN MAX")
+    if not low <= values[0] <= values[1] <= high:
+        bound = f"{low} <= MIN <= MAX" + (f" <= {high}" if high != math.inf else "")
+        raise OdtkError(f"{flag} {shown}: need {bound}")
+
+
+def check_writable(path: str, what: str, name: str = "model.pth") -> None:
+    """Fail now, not after the work, when `path` cannot be written: it is a folder, or its nearest existing
+    parent is not a writable folder (missing parents are fine: saves create them)."""
+    if os.path.isdir(path):
+        raise OdtkError(f"{path}: is a folder; {what} must be a file path (e.g. {os.path.join(path, name)})")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OdtkError(f"{path}: cannot write {what} there: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OdtkError(f"{path}: cannot write {what} there: no write permission in {parent}")
+
+
+def check_infer(cfg) -> None:
+    """InferConfig's sizes and counts."""
+    at_least("--batch", cfg.batch, 1)
+    at_least("--resize", cfg.resize, 1)
+    at_least("--max-size", cfg.max_size, 1)
+    at_least("--loader-workers", cfg.loader_workers, 0)
+
+
+def check_export(cfg) -> None:
+    """ExportConfig's sizes and counts, and --int8's calibration source."""
+    if len(cfg.size) not in (1, 2) or min(cfg.size) < 1:
+        raise OdtkError(f"--size {' '.join(map(str, cfg.size))}: one side (square) or height width, each >= 1")
+    at_least("--batch", cfg.batch, 1)
+    at_least("--calibration-batches", cfg.calibration_batches, 1)
+    if cfg.opset < 17:
+        raise OdtkError(f"--opset {cfg.opset}: odtk exports need opset 17 or newer")
+    reuse_table = cfg.calibration_table and os.path.isfile(cfg.calibration_table)
+    if cfg.int8 and not cfg.calibration_images and not reuse_table:
+        raise OdtkError("--int8 needs --calibration-images FOLDER: a few dozen images like the ones the model will "
+                        "see (or an existing --calibration-table)")
