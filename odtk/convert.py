@@ -7,9 +7,8 @@ from typing import Dict, List, Optional, Tuple
 
 from PIL import Image
 
+from .constants import IMAGE_EXTENSIONS
 from .utils import OdtkError, atomic_write_text, log
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass

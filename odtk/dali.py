@@ -6,18 +6,23 @@ crop (`fn.random_bbox_crop`, `fn.slice`), the resize rule of `odtk.data.resize_r
 loader's rounding, flip and colour jitter, normalisation, padding to the stride, and ragged boxes/labels padded
 with `fn.pad` so `DALIGenericIterator` can batch them.
 """
+from __future__ import annotations
+
 import json
 import os
 import shutil
 import tempfile
 import weakref
-from typing import Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .data import CROP_ASPECT, CROP_ATTEMPTS, CROP_SCALING, CROP_THRESHOLDS, CocoDataset
+from .constants import CROP_ASPECT, CROP_ATTEMPTS, CROP_SCALING, CROP_THRESHOLDS
 from .utils import OdtkError, log
+
+if TYPE_CHECKING:   # odtk.data imports this module (loader_factory): the dataset type is for annotations only
+    from .data import CocoDataset
 
 INSTALL = "--with-dali needs NVIDIA DALI: pip install 'odtk[dali]' (nvidia-dali-cuda130)"
 OUTPUTS = ["images", "boxes", "labels", "ids", "ratios"]

@@ -17,7 +17,8 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.ops import box_iou
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from .convert import IMAGE_EXTENSIONS
+from .constants import (CROP_ASPECT, CROP_ATTEMPTS, CROP_SCALING, CROP_THRESHOLDS, IMAGE_EXTENSIONS, IMAGENET_MEAN,
+                        IMAGENET_STD)
 from .utils import OdtkError, log
 
 
@@ -31,13 +32,6 @@ class Augment:
     saturation: float = 0.0
     hue: float = 0.0
     crop: bool = False      # SSD-style random crop keeping boxes, before the resize (random_crop_window)
-
-
-# SSD's random crop as ODTK's DALI pipeline set up fn.random_bbox_crop; odtk.dali passes these same values
-CROP_THRESHOLDS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)    # minimum IoU of the crop with at least one box
-CROP_SCALING = (0.3, 1.0)                           # each crop side as a fraction of the image side
-CROP_ASPECT = (0.5, 2.0)                            # crop width / height, in pixels
-CROP_ATTEMPTS = 50                                  # windows tried per threshold before drawing another
 
 
 def load_image(path: str) -> Tensor:
@@ -141,8 +135,8 @@ class CocoDataset(Dataset):
 
     def __init__(self, images: str, annotations: Optional[str] = None, *, resize: int = 800,
                  max_size: int = 1333, jitter: Optional[Tuple[int, int]] = None, augment: Optional[Augment] = None,
-                 category_ids: Optional[Sequence[int]] = None, mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 std: Sequence[float] = (0.229, 0.224, 0.225), fit: Optional[Tuple[int, int]] = None):
+                 category_ids: Optional[Sequence[int]] = None, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, fit: Optional[Tuple[int, int]] = None):
         self.root = images
         self.resize, self.max_size, self.jitter = resize, max_size, jitter
         self.fit = fit      # (height, width) of a fixed-size model: scale the image to fit inside it

@@ -15,12 +15,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import __version__
 from . import box as box_ops
+from .constants import DEFAULT_OPSET
 from .model import Model
+from .onnx_meta import metadata, read_metadata, set_metadata  # noqa: F401  (read_metadata: odtk.export's API)
 from .utils import OdtkError, atomic_path, log
-
-DEFAULT_OPSET = 17
 
 
 @dataclass
@@ -135,15 +134,6 @@ class EndToEnd(nn.Module):
         return out_scores, out_boxes, out_classes
 
 
-def metadata(model: Model, size: Tuple[int, int], flavour: str) -> dict:
-    mc = model.config
-    return {"odtk_version": __version__, "flavour": flavour, "size": list(size), "stride": max(model.strides),
-            "size_divisible": mc.size_divisible, "mean": mc.mean, "std": mc.std, "num_classes": mc.num_classes,
-            "category_ids": mc.category_ids or list(range(1, mc.num_classes + 1)), "class_names": mc.class_names,
-            "backbones": mc.backbones, "threshold": mc.threshold, "nms": mc.nms, "detections": mc.detections,
-            "ratios": mc.ratios, "scales": mc.scales, "levels": len(model.strides), "strides": model.strides}
-
-
 def export_onnx(model: Model, path: str, *, size: Tuple[int, int], raw_heads: bool = False, batch: int = 1,
                 opset: int = DEFAULT_OPSET, half: bool = False) -> None:
     """Write an ONNX graph with a dynamic batch axis and odtk metadata; onnx.checker must accept it."""
@@ -176,26 +166,10 @@ def export_onnx(model: Model, path: str, *, size: Tuple[int, int], raw_heads: bo
 def save_checked(proto, path: str, meta: dict) -> None:
     """Set the odtk metadata, run onnx.checker, write to a temp file beside `path`, then rename."""
     import onnx
-    for p in list(proto.metadata_props):
-        if p.key == "odtk":
-            proto.metadata_props.remove(p)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "odtk", json.dumps(meta)
+    set_metadata(proto, meta)
     onnx.checker.check_model(proto)
     with atomic_path(path, ".onnx") as tmp:
         onnx.save(proto, tmp)
-
-
-def read_metadata(path: str) -> dict:
-    import onnx
-    try:
-        proto = onnx.load(path, load_external_data=False)
-    except Exception as e:
-        raise OdtkError(f"{path}: not a readable ONNX model ({e.__class__.__name__})") from None
-    for p in proto.metadata_props:
-        if p.key == "odtk":
-            return json.loads(p.value)
-    raise OdtkError(f"{path}: no odtk metadata (export it with `odtk export model.pth {os.path.basename(path)}`)")
 
 
 class _CalibrationReader:

@@ -134,7 +134,7 @@ def onnx_session(path: str):
 
 
 def run_onnx(cfg: InferConfig) -> Dict[str, float]:
-    from .export import read_metadata
+    from .onnx_meta import read_metadata
     meta = read_metadata(cfg.model)
     if meta["flavour"] != "end2end":
         raise OdtkError(f"{cfg.model}: a raw-heads ONNX (for TensorRT) has no decode/NMS; export the default "

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import box as box_ops
 from .backbones import build_backbone
+from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .loss import retinanet_loss
 from .utils import OdtkError, atomic_save, log
 
@@ -31,8 +32,8 @@ class ModelConfig:
     top_n: int = 1000
     nms: float = 0.5
     detections: int = 100
-    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
     size_divisible: int = 32
 
     @property
