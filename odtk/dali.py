@@ -160,7 +160,8 @@ def _color_args(aug) -> dict:
 
 
 class DaliLoader:
-    """Iterates one epoch per `for` loop, yielding (images, boxes, labels, ids, ratios) like make_loader.
+    """An odtk.data.Loader: iterates one epoch per `for` loop, yielding (images, boxes, labels, ids, ratios) like
+    make_loader.
 
     Training drops the last partial batch (as make_loader); inference returns every image of the shard exactly
     once (DALI's reader pads the shard, the iterator removes the padding). A loop left early resumes where it
@@ -181,7 +182,7 @@ class DaliLoader:
         self._iterator = DALIGenericIterator(
             [pipe], OUTPUTS, reader_name="Reader", auto_reset=True,
             last_batch_policy=LastBatchPolicy.DROP if training else LastBatchPolicy.PARTIAL)
-        self.sampler = self     # train() positions the epoch through loader.sampler (start, batches)
+        self.sampler = self     # deprecated: for callers that still use loader.sampler.start / .batches
         log.info(f"DALI {'training' if training else 'inference'} loader on {self.device}, "
                  f"shard {rank + 1}/{world_size}, {len(self)} batches per epoch")
 
