@@ -95,9 +95,7 @@ class EndToEnd(nn.Module):
         super().__init__()
         self.model = model
         self.size = size
-        with torch.no_grad():
-            heads = model(torch.zeros(1, 3, *size))
-        for i, a in enumerate(model.anchors(heads[0])):
+        for i, a in enumerate(model.anchors_for(size)):
             self.register_buffer(f"anchors_{i}", a.clone(), persistent=False)
 
     def forward(self, x: Tensor):
@@ -336,7 +334,7 @@ def export_plan(cfg: ExportConfig) -> None:
             export_onnx(model, onnx_path, size=size, raw_heads=True, batch=opts[1], opset=cfg.opset, half=fp16)
         with open(onnx_path, "rb") as f:
             onnx_bytes = f.read()
-        anchors = [box_ops.generate_anchors(s, mc.ratios, mc.scales).flatten().tolist() for s in model.strides]
+        anchors = [cell.flatten().tolist() for cell in model.cell_anchors]
         try:
             built = engine.build(onnx_bytes, height=size[0], width=size[1], anchors=anchors,
                                  strides=[float(s) for s in model.strides], score_threshold=mc.threshold,

@@ -2,6 +2,7 @@
 import math
 import os
 import pickle
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -20,6 +21,8 @@ Heads = Tuple[List[Tensor], List[Tensor]]
 # checkpoint layout version, stored under CHECKPOINT_KEY: raise it when a change would make an older odtk misread one
 CHECKPOINT_KEY = "odtk_checkpoint"
 CHECKPOINT_VERSION = 1
+
+ANCHOR_CACHE_SIZE = 32   # anchor grids kept per model (one per padded input size and device; --jitter makes dozens)
 
 
 @dataclass
@@ -70,7 +73,7 @@ class Model(nn.Module):
         # prior probability 0.01 for every class: the focal loss starts near its equilibrium
         nn.init.constant_(self.cls_head[-1].bias, -math.log((1 - 0.01) / 0.01))
         self._cell_anchors = [box_ops.generate_anchors(s, config.ratios, config.scales) for s in self.strides]
-        self._anchor_cache: Dict[tuple, List[Tensor]] = {}
+        self._anchor_cache: "OrderedDict[tuple, List[Tensor]]" = OrderedDict()   # least recently used first
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Heads:
@@ -78,14 +81,36 @@ class Model(nn.Module):
         features = [f for b in self.backbones.values() for f in b(x)]
         return [self.cls_head(f) for f in features], [self.box_head(f) for f in features]
 
+    # -- anchors -------------------------------------------------------------------------------
+    @property
+    def cell_anchors(self) -> List[Tensor]:
+        """Per level, the anchors of one cell [A, 4] (x1, y1, x2, y2 about the cell's origin), A = ratios x scales in
+        the order of the heads' channels."""
+        return list(self._cell_anchors)
+
     def anchors(self, heads: List[Tensor]) -> List[Tensor]:
-        sizes = tuple(tuple(h.shape[-2:]) for h in heads)
-        key = (sizes, heads[0].device)
-        if key not in self._anchor_cache:
-            self._anchor_cache[key] = [
-                box_ops.grid_anchors(cell.to(heads[0].device), stride, h, w)
-                for cell, stride, (h, w) in zip(self._cell_anchors, self.strides, sizes)]
-        return self._anchor_cache[key]
+        """Per level, every anchor [H*W*A, 4] (input pixels, anchor order y, x, a) of heads of these sizes."""
+        return self._grid_anchors(tuple(tuple(h.shape[-2:]) for h in heads), heads[0].device)
+
+    def anchors_for(self, image_size: Tuple[int, int], device: Optional[torch.device] = None) -> List[Tensor]:
+        """`anchors` for a padded input of `image_size` (height, width) without running the network: every level
+        of stride s is ceil(side / s) cells (each stride-2 step rounds up)."""
+        h, w = image_size
+        sizes = tuple((math.ceil(h / s), math.ceil(w / s)) for s in self.strides)
+        return self._grid_anchors(sizes, torch.device(device or "cpu"))
+
+    def _grid_anchors(self, sizes: Tuple[Tuple[int, int], ...], device: torch.device) -> List[Tensor]:
+        key = (sizes, device)
+        grids = self._anchor_cache.get(key)
+        if grids is None:
+            grids = [box_ops.grid_anchors(cell.to(device), stride, h, w)
+                     for cell, stride, (h, w) in zip(self._cell_anchors, self.strides, sizes)]
+            self._anchor_cache[key] = grids
+            if len(self._anchor_cache) > ANCHOR_CACHE_SIZE:
+                self._anchor_cache.popitem(last=False)
+        else:
+            self._anchor_cache.move_to_end(key)
+        return grids
 
     # -- training ------------------------------------------------------------------------------
     def flatten(self, cls_heads: List[Tensor], box_heads: List[Tensor]) -> Tuple[Tensor, Tensor]:

@@ -9,7 +9,9 @@ import torch
 
 from odtk.backbones import BACKBONES, build_backbone, load_imagenet
 from odtk.main import main
-from odtk.model import CHECKPOINT_KEY, CHECKPOINT_VERSION, Model, ModelConfig, read_checkpoint
+from odtk import box as box_ops
+from odtk.model import (ANCHOR_CACHE_SIZE, CHECKPOINT_KEY, CHECKPOINT_VERSION, Model, ModelConfig,
+                        read_checkpoint)
 from odtk.utils import OdtkError
 
 from conftest import mobilenet_weights
@@ -36,6 +38,40 @@ def test_two_backbones_give_ten_levels():
 def test_prior_probability_init():
     model = Model(config=ModelConfig(backbones=["ResNet18FPN"], num_classes=4))
     assert torch.allclose(model.cls_head[-1].bias.sigmoid(), torch.full((36,), 0.01))
+
+
+@pytest.mark.parametrize("name", ["ResNet18FPN", "MobileNetV2FPN"])
+def test_anchors_for_a_size_match_the_heads_at_that_size(name):
+    model = Model(config=ModelConfig(backbones=[name], num_classes=2)).eval()
+    for size in [(128, 128), (96, 160), (224, 64)]:
+        with torch.no_grad():
+            cls_heads, _ = model(torch.zeros(1, 3, *size))
+        from_heads = [t.clone() for t in model.anchors(cls_heads)]
+        model._anchor_cache.clear()                                   # compute anew, not from the cache
+        from_size = model.anchors_for(size)
+        assert [t.shape for t in from_size] == [t.shape for t in from_heads]
+        assert all(torch.equal(a, b) for a, b in zip(from_size, from_heads))
+
+
+def test_cell_anchors_are_public_and_a_copy():
+    model = Model(config=ModelConfig(backbones=["ResNet18FPN"], num_classes=2))
+    cells = model.cell_anchors
+    assert len(cells) == 5 and all(c.shape == (9, 4) for c in cells)
+    assert torch.equal(cells[2], box_ops.generate_anchors(model.strides[2], model.config.ratios, model.config.scales))
+    cells.clear()
+    assert len(model.cell_anchors) == 5
+
+
+def test_anchor_cache_is_a_bounded_lru():
+    model = Model(config=ModelConfig(backbones=["ResNet18FPN"], num_classes=2))
+    sizes = [(32 * k, 64) for k in range(1, ANCHOR_CACHE_SIZE + 11)]    # --jitter: a new padded size per batch
+    grids = [model.anchors_for(size) for size in sizes]
+    assert len(model._anchor_cache) == ANCHOR_CACHE_SIZE
+    assert model.anchors_for(sizes[0]) is not grids[0]              # the first ten went ...
+    assert model.anchors_for(sizes[11]) is grids[11]                # ... the rest stayed; sizes[11] now newest
+    model.anchors_for((32, 32))                                     # evicts the least recently used, sizes[12]
+    assert len(model._anchor_cache) == ANCHOR_CACHE_SIZE
+    assert model.anchors_for(sizes[11]) is grids[11] and model.anchors_for(sizes[12]) is not grids[12]
 
 
 def test_unknown_backbone_is_a_clear_error():
