@@ -84,7 +84,9 @@ def run(predict: Predict, dataset: CocoDataset, cfg: InferConfig, category_ids: 
     log.info(f"{count} images, {len(results)} detections in {elapsed:.1f}s ({count / max(elapsed, 1e-9):.2f} im/s) "
              f"-> {cfg.output}")
     if cfg.annotations:
-        return evaluate(cfg.annotations, cfg.output)
+        ap = evaluate(cfg.annotations, cfg.output)
+        print(ap["table"])
+        return ap
     return {}
 
 

@@ -140,3 +140,31 @@ def test_find_cycle_finds_one():
 def test_odtk_has_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def _calls(name: str) -> Set[str]:
+    """module.function (or module for module level) of every call to a function or method called `name`."""
+    found = set()
+
+    def walk(node: ast.AST, where: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                walk(child, f"{where}.{child.name}")
+                continue
+            if isinstance(child, ast.Call):
+                func = child.func
+                if (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)) == name:
+                    found.add(where)
+            walk(child, where)
+
+    for module, path in _module_files().items():
+        with open(path) as f:
+            walk(ast.parse(f.read(), path), module)
+    return found
+
+
+def test_only_entry_points_configure_logging():
+    """Library code logs to the "odtk" logger and leaves handlers to the application: only odtk's entry points (the
+    CLI, and the worker processes it spawns) call setup_logging, the one place with logging.basicConfig."""
+    assert _calls("basicConfig") == {"odtk.utils.setup_logging"}
+    assert _calls("setup_logging") == {"odtk.main.main", "odtk.distributed._run"}
