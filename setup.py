@@ -107,8 +107,13 @@ setup(
     version="0.1.0",
     description="RetinaNet object detection toolkit: train, infer, evaluate and export on CPU or GPU",
     packages=find_packages(include=["odtk", "odtk.*"]),
+    package_data={"odtk": ["py.typed"]},   # PEP 561: odtk's type hints are for type checkers too
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "torchvision>=0.16", "pycocotools", "pillow", "numpy", "tqdm", "requests",
+    # torch 2.6: checkpoints load with torch.load(weights_only=True) inside torch.serialization.safe_globals, whose
+    # (object, "module.name") entries (pytorch#142153) read numpy < 2.1's RNG state under numpy 2; it also has
+    # torch.amp.GradScaler("cuda") (2.3) and torch.onnx.export(dynamo=False) (2.5). torchvision 0.21 is the
+    # release built for torch 2.6 (decode_image(apply_exif_orientation=True) dates from 0.19).
+    install_requires=["torch>=2.6", "torchvision>=0.21", "pycocotools", "pillow", "numpy", "tqdm", "requests",
                       "tensorboardX"],
     extras_require={
         "test": ["pytest", "onnx", "onnxruntime", "onnxscript", "nvidia-dali-cuda130"],

@@ -18,12 +18,12 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from odtk.constants import IMAGENET_MEAN, IMAGENET_STD
 from odtk.data import Augment, CocoDataset, make_loader, read_coco
 from odtk.utils import OdtkError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BCCD = os.path.join(HERE, "..", "..", "shared", "data", "bccd", "BCCD")
-MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 class PlainDataset(Dataset):
@@ -32,7 +32,7 @@ class PlainDataset(Dataset):
     def __init__(self, root: str, files, resize: int, max_size: int):
         self.paths = [os.path.join(root, f) for f in files]
         self.transform = T.Compose([T.Resize(resize, max_size=max_size), T.RandomHorizontalFlip(),
-                                    T.ToTensor(), T.Normalize(MEAN, STD)])
+                                    T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def __len__(self) -> int:
         return len(self.paths)

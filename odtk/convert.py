@@ -7,9 +7,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from PIL import Image
 
+from .constants import IMAGE_EXTENSIONS
 from .utils import OdtkError, atomic_write_text, log
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # VOC layouts: annotation and image folder names, matched in any case (VOC's Annotations/ and flat annotations/)
 ANNOTATION_FOLDERS = ("annotations", "labels")
 IMAGE_FOLDERS = ("jpegimages", "images")

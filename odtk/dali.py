@@ -6,18 +6,23 @@ crop (`fn.random_bbox_crop`, `fn.slice`), the resize rule of `odtk.data.resize_r
 loader's rounding, flip and colour jitter, normalisation, padding to the stride, and ragged boxes/labels padded
 with `fn.pad` so `DALIGenericIterator` can batch them.
 """
+from __future__ import annotations
+
 import json
 import os
 import shutil
 import tempfile
 import weakref
-from typing import Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .data import CROP_ASPECT, CROP_ATTEMPTS, CROP_SCALING, CROP_THRESHOLDS, CocoDataset
+from .constants import CROP_ASPECT, CROP_ATTEMPTS, CROP_SCALING, CROP_THRESHOLDS
 from .utils import OdtkError, log
+
+if TYPE_CHECKING:   # odtk.data imports this module (loader_factory): the dataset type is for annotations only
+    from .data import CocoDataset
 
 INSTALL = "--with-dali needs NVIDIA DALI: pip install 'odtk[dali]' (nvidia-dali-cuda130)"
 OUTPUTS = ["images", "boxes", "labels", "ids", "ratios"]
@@ -155,7 +160,8 @@ def _color_args(aug) -> dict:
 
 
 class DaliLoader:
-    """Iterates one epoch per `for` loop, yielding (images, boxes, labels, ids, ratios) like make_loader.
+    """An odtk.data.Loader: iterates one epoch per `for` loop, yielding (images, boxes, labels, ids, ratios) like
+    make_loader.
 
     Training drops the last partial batch (as make_loader); inference returns every image of the shard exactly
     once (DALI's reader pads the shard, the iterator removes the padding). A loop left early resumes where it
@@ -176,7 +182,7 @@ class DaliLoader:
         self._iterator = DALIGenericIterator(
             [pipe], OUTPUTS, reader_name="Reader", auto_reset=True,
             last_batch_policy=LastBatchPolicy.DROP if training else LastBatchPolicy.PARTIAL)
-        self.sampler = self     # train() positions the epoch through loader.sampler (start, batches)
+        self.sampler = self     # deprecated: for callers that still use loader.sampler.start / .batches
         log.info(f"DALI {'training' if training else 'inference'} loader on {self.device}, "
                  f"shard {rank + 1}/{world_size}, {len(self)} batches per epoch")
 

@@ -5,7 +5,7 @@ import os
 import random
 import signal
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import numpy as np
 import torch
@@ -17,8 +17,29 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.ops import box_iou
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from .convert import IMAGE_EXTENSIONS, displayed_size, read_size
+from .constants import (CROP_ASPECT, CROP_ATTEMPTS, CROP_SCALING, CROP_THRESHOLDS, IMAGE_EXTENSIONS,
+                        IMAGENET_MEAN, IMAGENET_STD)
+from .convert import displayed_size, read_size
 from .utils import OdtkError, log
+
+Batch = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What training and inference use of a loader, make_loader's or odtk.dali's.
+
+    Iterating runs one epoch: batches (images [B, 3, H, W], boxes [B, M, 4], labels [B, M] with -1 padding,
+    image ids [B], resize ratios [B]), or None for a batch whose images were all unreadable. `start(epoch, batch)`
+    positions the next epoch (its shuffle, the batch to resume at); `batches` counts the batches of a whole epoch.
+    """
+
+    @property
+    def batches(self) -> int: ...
+
+    def start(self, epoch: int, batch: int = 0) -> None: ...
+
+    def __iter__(self) -> Iterator[Optional[Batch]]: ...
 
 
 @dataclass
@@ -31,13 +52,6 @@ class Augment:
     saturation: float = 0.0
     hue: float = 0.0
     crop: bool = False      # SSD-style random crop keeping boxes, before the resize (random_crop_window)
-
-
-# SSD's random crop as ODTK's DALI pipeline set up fn.random_bbox_crop; odtk.dali passes these same values
-CROP_THRESHOLDS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)    # minimum IoU of the crop with at least one box
-CROP_SCALING = (0.3, 1.0)                           # each crop side as a fraction of the image side
-CROP_ASPECT = (0.5, 2.0)                            # crop width / height, in pixels
-CROP_ATTEMPTS = 50                                  # windows tried per threshold before drawing another
 
 
 def load_image(path: str) -> Tensor:
@@ -236,8 +250,8 @@ class CocoDataset(Dataset):
 
     def __init__(self, images: str, annotations: Optional[str] = None, *, resize: int = 800,
                  max_size: int = 1333, jitter: Optional[Tuple[int, int]] = None, augment: Optional[Augment] = None,
-                 category_ids: Optional[Sequence[int]] = None, mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 std: Sequence[float] = (0.229, 0.224, 0.225), fit: Optional[Tuple[int, int]] = None,
+                 category_ids: Optional[Sequence[int]] = None, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, fit: Optional[Tuple[int, int]] = None,
                  require_boxes: bool = False):
         self.root = images
         self.resize, self.max_size, self.jitter = resize, max_size, jitter
@@ -448,7 +462,7 @@ def _ignore_sigint(_worker: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def loader_factory(with_dali: bool):
+def loader_factory(with_dali: bool) -> Callable[..., Loader]:
     """make_loader, or for --with-dali odtk.dali.make_dali_loader: the same arguments, the same batches."""
     if with_dali:
         from .dali import make_dali_loader
@@ -456,10 +470,25 @@ def loader_factory(with_dali: bool):
     return make_loader
 
 
+class TorchLoader(DataLoader):
+    """make_loader's DataLoader, a Loader: `start` and `batches` are its TrainSampler's when training; inference
+    reads its shard once, in order, from the start. (`loader.sampler.start` still works, as before.)"""
+
+    @property
+    def batches(self) -> int:
+        """Batches in a whole epoch (training: full global batches, however many start() skips)."""
+        return self.sampler.batches if isinstance(self.sampler, TrainSampler) else len(self)
+
+    def start(self, epoch: int, batch: int = 0) -> None:
+        """Training: the shuffle of `epoch` and the batch to resume it at. Inference has one order: nothing to do."""
+        if isinstance(self.sampler, TrainSampler):
+            self.sampler.start(epoch, batch)
+
+
 def make_loader(dataset: CocoDataset, *, batch_size: int, training: bool, workers: int = 2,
-                size_divisible: int = 32, rank: int = 0, world_size: int = 1, seed: int = 0) -> DataLoader:
-    """Training: `batch_size` per process from TrainSampler (call `loader.sampler.start(epoch, batch)` before each
-    epoch). Inference: this rank's shard in order."""
+                size_divisible: int = 32, rank: int = 0, world_size: int = 1, seed: int = 0) -> TorchLoader:
+    """Training: `batch_size` per process from TrainSampler (call `loader.start(epoch, batch)` before each epoch).
+    Inference: this rank's shard in order."""
     if training:
         sampler = TrainSampler(len(dataset), batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
         if not sampler.batches:
@@ -467,7 +496,7 @@ def make_loader(dataset: CocoDataset, *, batch_size: int, training: bool, worker
                             f"than one batch of {sampler.global_batch}")
     else:
         sampler = ShardSampler(len(dataset), rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=_Collate(size_divisible, dataset.fit), drop_last=training,
-                      worker_init_fn=_ignore_sigint if workers else None, persistent_workers=training and workers > 0,
-                      pin_memory=torch.cuda.is_available())
+    return TorchLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                       collate_fn=_Collate(size_divisible, dataset.fit), drop_last=training,
+                       worker_init_fn=_ignore_sigint if workers else None, persistent_workers=training and workers > 0,
+                       pin_memory=torch.cuda.is_available())

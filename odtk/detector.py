@@ -20,7 +20,9 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from .constants import category_ids_or_default
 from .data import CocoDataset, collate, find_images, load_image, normalize_image, resize_image, scaled_size
+from .onnx_meta import read_metadata
 from .utils import OdtkError, cpu_threads, log
 
 ImageInput = Union[str, "os.PathLike[str]", Image.Image, np.ndarray, Tensor]
@@ -106,7 +108,7 @@ class TorchBackend(Backend):
         self.model = model.to(device).eval()
         self.device, self.precision = device, precision
         mc = model.config
-        self.category_ids = mc.category_ids or list(range(1, mc.num_classes + 1))
+        self.category_ids = category_ids_or_default(mc.category_ids, mc.num_classes)
         self.class_names, self.mean, self.std = mc.class_names, mc.mean, mc.std
         self.size_divisible = mc.size_divisible
         self.defaults = Thresholds(mc.threshold, mc.nms, mc.detections)
@@ -152,7 +154,6 @@ class OnnxBackend(Backend):
     kind = "ONNX Runtime"
 
     def __init__(self, path: str):
-        from .export import read_metadata
         meta = read_metadata(path)
         if meta["flavour"] != "end2end":
             raise OdtkError(f"{path}: a raw-heads ONNX (for TensorRT) has no decode/NMS; export the default "

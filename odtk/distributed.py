@@ -61,9 +61,8 @@ def check_nodes(nodes: int, node_rank: int) -> None:
         raise OdtkError(f"--nodes {nodes} --node-rank {node_rank}: need 0 <= node rank < nodes")
 
 
-def init(ctx: Context, master: str = MASTER, verbose: bool = False) -> None:
-    """Per-worker set-up: logging (rank 0 speaks), device, CPU threads, process group."""
-    setup_logging(verbose)
+def init(ctx: Context, master: str = MASTER) -> None:
+    """Per-worker set-up: who logs (rank 0 speaks), device, CPU threads, process group."""
     if ctx.rank:   # rank 0 speaks for all; the others only report their own errors
         log.setLevel("ERROR")
     if ctx.device.type == "cuda":
@@ -91,7 +90,8 @@ def _run(local_rank: int, fn: Callable[[Context], Any], node_rank: int, local: i
                   local_size=local)
     os.environ["MASTER_ADDR"], _, os.environ["MASTER_PORT"] = master.rpartition(":")
     try:
-        init(ctx, master, verbose)
+        setup_logging(verbose)   # a spawned process starts unconfigured: its entry point sets logging up, as main's
+        init(ctx, master)
         fn(ctx)
     except OdtkError as e:
         log.error(f"odtk train (rank {ctx.rank}): error: {e}")
@@ -114,7 +114,7 @@ def launch(fn: Callable[[Context], Any], *, workers: Optional[int] = None, nodes
     if ctx is not None:
         if workers is not None or nodes != 1:
             log.warning("launched by torchrun: its ranks are used, --workers/--nodes/--node-rank are ignored")
-        init(ctx, master, verbose)
+        init(ctx, master)
         try:
             return fn(ctx)
         finally:
@@ -123,7 +123,7 @@ def launch(fn: Callable[[Context], Any], *, workers: Optional[int] = None, nodes
     local = local_workers(workers)
     if local == 1 and nodes == 1:
         ctx = Context()
-        init(ctx, master, verbose)
+        init(ctx, master)
         return fn(ctx)
     log.info(f"{local} worker process{'es' if local > 1 else ''} on this node ({nodes} node{'s' if nodes > 1 else ''},"
              f" {'NCCL' if torch.cuda.is_available() else 'gloo'}), rank 0 at {master}")

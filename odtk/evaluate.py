@@ -1,15 +1,17 @@
 """COCO evaluation with pycocotools: the standard summary plus a per-class AP table."""
 import contextlib
 import io
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import numpy as np
 
 from .utils import log
 
 
-def evaluate(annotations: str, detections: str, *, verbose: bool = True) -> Dict[str, float]:
-    """COCOeval (bbox) of a detections JSON against a COCO file; returns AP, AP50, ... and per-class APs."""
+def evaluate(annotations: str, detections: str) -> Dict[str, Any]:
+    """COCOeval (bbox) of a detections JSON against a COCO file, printing nothing: AP, AP50, ... (floats),
+    "per_class" (rows of per_class_ap) and "table", the report for the caller to show (pycocotools' summary lines,
+    the per-class table and an AP line)."""
     import json
 
     from pycocotools.coco import COCO
@@ -21,24 +23,22 @@ def evaluate(annotations: str, detections: str, *, verbose: bool = True) -> Dict
         dets = json.load(f)
     if not dets:
         log.warning("no detections: AP is 0")
-        return {"AP": 0.0, "AP50": 0.0}
+        return {"AP": 0.0, "AP50": 0.0, "per_class": [], "table": "AP 0.0000  AP50 0.0000  (no detections)"}
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out):   # pycocotools prints; keep its summary lines, not its progress chatter
         dt = gt.loadRes(detections)
         ev = COCOeval(gt, dt, "bbox")
         ev.params.imgIds = sorted(gt.getImgIds())
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    if verbose:   # the summary lines, without pycocotools' progress chatter
-        print("\n".join(line for line in out.getvalue().splitlines() if line.startswith(" Average")))
+    summary = [line for line in out.getvalue().splitlines() if line.startswith(" Average")]
     names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
-    results = {n: float(v) for n, v in zip(names, ev.stats)}
+    results: Dict[str, Any] = {n: float(v) for n, v in zip(names, ev.stats)}
     rows = per_class_ap(ev, gt)
-    if verbose:
-        print(format_table(rows))
-        print(f"AP {results['AP']:.4f}  AP50 {results['AP50']:.4f}  ({len(ev.params.imgIds)} images)")
     results["per_class"] = rows
+    footer = f"AP {results['AP']:.4f}  AP50 {results['AP50']:.4f}  ({len(ev.params.imgIds)} images)"
+    results["table"] = "\n".join([*summary, format_table(rows), footer])
     return results
 
 

@@ -15,12 +15,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import __version__
 from . import box as box_ops
+from .constants import DEFAULT_OPSET
 from .model import Model
+from .onnx_meta import metadata, read_metadata, set_metadata  # noqa: F401  (read_metadata: odtk.export's API)
 from .utils import OdtkError, atomic_path, log
-
-DEFAULT_OPSET = 17
 
 
 @dataclass
@@ -100,9 +99,7 @@ class EndToEnd(nn.Module):
         super().__init__()
         self.model = model
         self.size = size
-        with torch.no_grad():
-            heads = model(torch.zeros(1, 3, *size))
-        for i, a in enumerate(model.anchors(heads[0])):
+        for i, a in enumerate(model.anchors_for(size)):
             self.register_buffer(f"anchors_{i}", a.clone(), persistent=False)
 
     def forward(self, x: Tensor):
@@ -139,15 +136,6 @@ class EndToEnd(nn.Module):
         return out_scores, out_boxes, out_classes
 
 
-def metadata(model: Model, size: Tuple[int, int], flavour: str) -> dict:
-    mc = model.config
-    return {"odtk_version": __version__, "flavour": flavour, "size": list(size), "stride": max(model.strides),
-            "size_divisible": mc.size_divisible, "mean": mc.mean, "std": mc.std, "num_classes": mc.num_classes,
-            "category_ids": mc.category_ids or list(range(1, mc.num_classes + 1)), "class_names": mc.class_names,
-            "backbones": mc.backbones, "threshold": mc.threshold, "nms": mc.nms, "detections": mc.detections,
-            "ratios": mc.ratios, "scales": mc.scales, "levels": len(model.strides), "strides": model.strides}
-
-
 def export_onnx(model: Model, path: str, *, size: Tuple[int, int], raw_heads: bool = False, batch: int = 1,
                 opset: int = DEFAULT_OPSET, half: bool = False) -> None:
     """Write an ONNX graph with a dynamic batch axis and odtk metadata; onnx.checker must accept it."""
@@ -180,26 +168,10 @@ def export_onnx(model: Model, path: str, *, size: Tuple[int, int], raw_heads: bo
 def save_checked(proto, path: str, meta: dict) -> None:
     """Set the odtk metadata, run onnx.checker, write to a temp file beside `path`, then rename."""
     import onnx
-    for p in list(proto.metadata_props):
-        if p.key == "odtk":
-            proto.metadata_props.remove(p)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "odtk", json.dumps(meta)
+    set_metadata(proto, meta)
     onnx.checker.check_model(proto)
     with atomic_path(path, ".onnx") as tmp:
         onnx.save(proto, tmp)
-
-
-def read_metadata(path: str) -> dict:
-    import onnx
-    try:
-        proto = onnx.load(path, load_external_data=False)
-    except Exception as e:
-        raise OdtkError(f"{path}: not a readable ONNX model ({e.__class__.__name__})") from None
-    for p in proto.metadata_props:
-        if p.key == "odtk":
-            return json.loads(p.value)
-    raise OdtkError(f"{path}: no odtk metadata (export it with `odtk export model.pth {os.path.basename(path)}`)")
 
 
 class _CalibrationReader:
@@ -366,7 +338,7 @@ def export_plan(cfg: ExportConfig) -> None:
             export_onnx(model, onnx_path, size=size, raw_heads=True, batch=opts[1], opset=cfg.opset, half=fp16)
         with open(onnx_path, "rb") as f:
             onnx_bytes = f.read()
-        anchors = [box_ops.generate_anchors(s, mc.ratios, mc.scales).flatten().tolist() for s in model.strides]
+        anchors = [cell.flatten().tolist() for cell in model.cell_anchors]
         try:
             built = engine.build(onnx_bytes, height=size[0], width=size[1], anchors=anchors,
                                  strides=[float(s) for s in model.strides], score_threshold=mc.threshold,

@@ -74,6 +74,6 @@ def detect(model, heads: Tuple[List[Tensor], List[Tensor]], image_size: Optional
            ) -> Tuple[Tensor, Tensor, Tensor]:
     """Model.detect (decode + NMS with the model's thresholds) on the CUDA kernels, for heads on a GPU."""
     cfg = model.config
-    found = decode(heads[0], heads[1], model._cell_anchors, model.strides, threshold=cfg.threshold,
+    found = decode(heads[0], heads[1], model.cell_anchors, model.strides, threshold=cfg.threshold,
                    top_n=cfg.top_n, image_size=image_size)
     return nms(*found, iou_threshold=cfg.nms, detections=cfg.detections)

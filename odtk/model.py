@@ -1,7 +1,9 @@
 """RetinaNet (arXiv 1708.02002) as ODTK builds it: FPN backbone(s), shared class and box heads."""
 import math
 import os
-from dataclasses import asdict, dataclass, field
+import pickle
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -10,10 +12,17 @@ from torch import Tensor
 
 from . import box as box_ops
 from .backbones import build_backbone
+from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .loss import retinanet_loss
 from .utils import OdtkError, atomic_save, log
 
 Heads = Tuple[List[Tensor], List[Tensor]]
+
+# checkpoint layout version, stored under CHECKPOINT_KEY: raise it when a change would make an older odtk misread one
+CHECKPOINT_KEY = "odtk_checkpoint"
+CHECKPOINT_VERSION = 1
+
+ANCHOR_CACHE_SIZE = 32   # anchor grids kept per model (one per padded input size and device; --jitter makes dozens)
 
 
 @dataclass
@@ -31,8 +40,8 @@ class ModelConfig:
     top_n: int = 1000
     nms: float = 0.5
     detections: int = 100
-    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
     size_divisible: int = 32
 
     @property
@@ -64,7 +73,7 @@ class Model(nn.Module):
         # prior probability 0.01 for every class: the focal loss starts near its equilibrium
         nn.init.constant_(self.cls_head[-1].bias, -math.log((1 - 0.01) / 0.01))
         self._cell_anchors = [box_ops.generate_anchors(s, config.ratios, config.scales) for s in self.strides]
-        self._anchor_cache: Dict[tuple, List[Tensor]] = {}
+        self._anchor_cache: "OrderedDict[tuple, List[Tensor]]" = OrderedDict()   # least recently used first
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Heads:
@@ -72,14 +81,36 @@ class Model(nn.Module):
         features = [f for b in self.backbones.values() for f in b(x)]
         return [self.cls_head(f) for f in features], [self.box_head(f) for f in features]
 
+    # -- anchors -------------------------------------------------------------------------------
+    @property
+    def cell_anchors(self) -> List[Tensor]:
+        """Per level, the anchors of one cell [A, 4] (x1, y1, x2, y2 about the cell's origin), A = ratios x scales in
+        the order of the heads' channels."""
+        return list(self._cell_anchors)
+
     def anchors(self, heads: List[Tensor]) -> List[Tensor]:
-        sizes = tuple(tuple(h.shape[-2:]) for h in heads)
-        key = (sizes, heads[0].device)
-        if key not in self._anchor_cache:
-            self._anchor_cache[key] = [
-                box_ops.grid_anchors(cell.to(heads[0].device), stride, h, w)
-                for cell, stride, (h, w) in zip(self._cell_anchors, self.strides, sizes)]
-        return self._anchor_cache[key]
+        """Per level, every anchor [H*W*A, 4] (input pixels, anchor order y, x, a) of heads of these sizes."""
+        return self._grid_anchors(tuple(tuple(h.shape[-2:]) for h in heads), heads[0].device)
+
+    def anchors_for(self, image_size: Tuple[int, int], device: Optional[torch.device] = None) -> List[Tensor]:
+        """`anchors` for a padded input of `image_size` (height, width) without running the network: every level
+        of stride s is ceil(side / s) cells (each stride-2 step rounds up)."""
+        h, w = image_size
+        sizes = tuple((math.ceil(h / s), math.ceil(w / s)) for s in self.strides)
+        return self._grid_anchors(sizes, torch.device(device or "cpu"))
+
+    def _grid_anchors(self, sizes: Tuple[Tuple[int, int], ...], device: torch.device) -> List[Tensor]:
+        key = (sizes, device)
+        grids = self._anchor_cache.get(key)
+        if grids is None:
+            grids = [box_ops.grid_anchors(cell.to(device), stride, h, w)
+                     for cell, stride, (h, w) in zip(self._cell_anchors, self.strides, sizes)]
+            self._anchor_cache[key] = grids
+            if len(self._anchor_cache) > ANCHOR_CACHE_SIZE:
+                self._anchor_cache.popitem(last=False)
+        else:
+            self._anchor_cache.move_to_end(key)
+        return grids
 
     # -- training ------------------------------------------------------------------------------
     def flatten(self, cls_heads: List[Tensor], box_heads: List[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -120,24 +151,88 @@ class Model(nn.Module):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, path: str, **state) -> None:
-        atomic_save({"config": asdict(self.config), "state_dict": self.state_dict(), **state}, path)
+        """The config, the weights and `state` (training state: plain values, tensors, state dicts), atomically."""
+        atomic_save({CHECKPOINT_KEY: CHECKPOINT_VERSION, "config": asdict(self.config),
+                     "state_dict": self.state_dict(), **state}, path)
 
     @classmethod
     def load(cls, path: str, *, ema: bool = True) -> Tuple["Model", dict]:
         """Model and the rest of the checkpoint (training state). With `ema` the model gets the checkpoint's EMA
         weights when it has them (inference, export); training resumes from the raw weights (ema=False)."""
-        if not os.path.isfile(path):
-            raise OdtkError(f"{path}: model file not found")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise OdtkError(f"{path}: not a readable odtk checkpoint ({e.__class__.__name__})") from None
-        if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
-            raise OdtkError(f"{path}: not an odtk checkpoint (no model config / state_dict)")
-        model = cls(config=ModelConfig(**ckpt.pop("config")))
+        ckpt = read_checkpoint(path)
+        model = cls(config=config_from_dict(ckpt.pop("config"), path))
         weights = ckpt.pop("state_dict")
-        if ema and ckpt.get("ema"):
+        if ema and isinstance(ckpt.get("ema"), dict) and "state_dict" in ckpt["ema"]:
             weights = ckpt["ema"]["state_dict"]
-            log.info(f"{path}: using the EMA weights (decay {ckpt['ema']['decay']})")
-        model.load_state_dict(weights)
+            log.info(f"{path}: using the EMA weights (decay {ckpt['ema'].get('decay')})")
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:   # the message lists every mismatching tensor: name the first
+            detail = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+            raise OdtkError(f"{path}: its weights do not fit the model its config describes ({detail[:160]})"
+                            ) from None
         return model, ckpt
+
+
+def _safe_globals() -> list:
+    """What odtk checkpoints hold beyond tensors and plain containers, for torch.load(weights_only=True): numpy's
+    RNG state (np.random.get_state(), saved by training for exact resume) holds a uint32 ndarray: the array, its
+    dtype and the dtype's class."""
+    import numpy as np
+    reconstruct = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
+    # numpy < 2.1 pickles _reconstruct under numpy.core, later ones under numpy._core: accept both spellings
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), (reconstruct, "numpy.core.multiarray._reconstruct"),
+            (reconstruct, "numpy._core.multiarray._reconstruct")]
+
+
+def _unexpected_globals(path: str) -> List[str]:
+    """The classes and functions a checkpoint would make the unpickler call that odtk never stores."""
+    allowed = {entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
+               for entry in _safe_globals()}
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:   # not a checkpoint at all: the caller says so
+        return []
+    return [g for g in found if g not in allowed]
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint's contents, its layout version checked and removed. torch.load(weights_only=True): a file that
+    would make the unpickler call anything beyond what odtk stores is refused, never run."""
+    if not os.path.isfile(path):
+        raise OdtkError(f"{path}: model file not found")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        unexpected = _unexpected_globals(path)
+        if not unexpected:
+            raise OdtkError(f"{path}: not a readable odtk checkpoint (UnpicklingError)") from None
+        raise OdtkError(f"{path}: refused: it holds {', '.join(unexpected[:3])}, which odtk checkpoints never do, "
+                        f"and unpickling it could run code (load it yourself with torch.load(weights_only=False) "
+                        f"only if you trust its source)") from None
+    except Exception as e:
+        raise OdtkError(f"{path}: not a readable odtk checkpoint ({e.__class__.__name__})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "state_dict" not in ckpt:
+        raise OdtkError(f"{path}: not an odtk checkpoint (no model config / state_dict)")
+    version = ckpt.pop(CHECKPOINT_KEY, 0)   # 0: written before checkpoints had a version
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise OdtkError(f"{path}: written by a newer odtk (checkpoint version {version}; this odtk reads up to "
+                        f"{CHECKPOINT_VERSION}): upgrade odtk to load it")
+    return ckpt
+
+
+def config_from_dict(config: dict, path: str) -> ModelConfig:
+    """ModelConfig from a checkpoint's config: keys this odtk does not know are ignored with a warning (a newer
+    odtk's options), missing ones take their defaults (an older odtk's checkpoint), which is logged."""
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(config) - known)
+    missing = sorted(known - set(config))
+    if unknown:
+        log.warning(f"{path}: ignoring config keys this odtk does not know: {', '.join(unknown)} "
+                    f"(a checkpoint from a newer odtk?)")
+    if missing:
+        defaults = ModelConfig()
+        log.info(f"{path}: config keys missing (a checkpoint from an older odtk?), using the defaults: "
+                 + ", ".join(f"{k}={getattr(defaults, k)!r}" for k in missing))
+    return ModelConfig(**{k: v for k, v in config.items() if k in known})

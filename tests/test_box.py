@@ -95,15 +95,29 @@ def test_assign_targets_no_boxes_is_background():
 
 
 def test_decode_and_nms_by_hand():
-    # one level 2x2, 1 anchor, 2 classes: one confident cell of class 1, the rest below threshold
-    anchors = [torch.tensor([[0, 0, 8, 8], [8, 0, 16, 8], [0, 8, 8, 16], [8, 8, 16, 16.0]])]
-    cls = torch.full((1, 2, 2, 2), -10.0)
-    cls[0, 1, 1, 0] = 3.0                                  # y=1, x=0 -> anchor 2
-    box = torch.zeros(1, 4, 2, 2)
+    # one level 2x2, 1 anchor, 2 classes, 2 images. Image 0: class 1 at cells 0 and 1 (anchors of IoU 2/3: the
+    # weaker goes), class 0 at cell 1 (another class: kept), class 1 at cell 2 (IoU 1/9 with cell 0: kept).
+    # Image 1: one box, class 0 at cell 3. Everything else is below the threshold.
+    anchors = [torch.tensor([[0, 0, 10, 10], [2, 0, 12, 10], [0, 8, 10, 18], [20, 20, 30, 30.0]])]
+    cls = torch.full((2, 2, 2, 2), -10.0)                 # [B, A*C, H, W]; cell = y * 2 + x
+    cls[0, 1, 0, 0], cls[0, 1, 0, 1], cls[0, 0, 0, 1], cls[0, 1, 1, 0] = 3.0, 2.0, 1.0, 0.5
+    cls[1, 0, 1, 1] = 4.0
+    box = torch.zeros(2, 4, 2, 2)
     b, s, boxes, c = B.decode([cls], [box], anchors, threshold=0.05, top_n=10)
-    assert b.tolist() == [0] and c.tolist() == [1]
-    assert math.isclose(s.item(), 1 / (1 + math.exp(-3)), rel_tol=1e-6)
-    assert boxes.tolist() == [[0, 8, 8, 16]]
+    assert b.tolist() == [0, 0, 0, 0, 1] and c.tolist() == [1, 1, 0, 1, 0]
+    assert torch.allclose(s, torch.tensor([3.0, 2.0, 1.0, 0.5, 4.0]).sigmoid())
+    assert torch.equal(boxes, anchors[0][[0, 1, 1, 2, 3]])  # zero deltas: the anchors themselves
+
+    scores, kept, classes = B.nms(b, s, boxes, c, 2, iou_threshold=0.5, detections=3)
+    sig = torch.tensor([3.0, 1.0, 0.5, 4.0]).sigmoid()
+    assert torch.equal(scores, torch.tensor([[sig[0], sig[1], sig[2]], [sig[3], 0, 0]]))   # zero padded
+    assert torch.equal(kept[0], anchors[0][[0, 1, 2]]) and torch.equal(kept[1, 0], anchors[0][3])
+    assert classes.tolist() == [[1, 0, 1], [0, 0, 0]] and (kept[1, 1:] == 0).all()
+    for i in range(2):                                    # torchvision's class-aware NMS keeps the same boxes
+        m = b == i
+        keep = batched_nms(boxes[m], s[m], c[m], 0.5)
+        n = keep.numel()
+        assert n == [3, 1][i] and torch.equal(scores[i, :n], s[m][keep]) and torch.equal(classes[i, :n], c[m][keep])
 
 
 def test_nms_matches_torchvision():

@@ -84,7 +84,7 @@ def test_plan_export_passes_the_model_to_the_engine(flags, precision, small_mode
     mc = model.config
     assert (built["height"], built["width"]) == (128, 160)
     assert built["strides"] == [8.0, 16.0, 32.0, 64.0, 128.0] == [float(s) for s in model.strides]
-    for flat, cell in zip(built["anchors"], model._cell_anchors):
+    for flat, cell in zip(built["anchors"], model.cell_anchors):
         assert torch.equal(torch.tensor(flat).view(-1, 4), cell)     # what grid_anchors shifts per cell
     assert (built["score_threshold"], built["top_n"], built["nms_threshold"], built["detections"]) == \
         (mc.threshold, mc.top_n, mc.nms, mc.detections)
@@ -237,7 +237,7 @@ def test_cuda_detect_equals_model_detect_on_model_outputs(backbone, size):
         # the same probabilities on both sides (CPU and CUDA sigmoid may differ in the last bit)
         probs = [h.sigmoid().cuda() for h in cpu_heads[0]]
         mc = model.config
-        found = extension.decode(probs, heads[1], model._cell_anchors, model.strides, threshold=mc.threshold,
+        found = extension.decode(probs, heads[1], model.cell_anchors, model.strides, threshold=mc.threshold,
                                  top_n=mc.top_n, image_size=size, sigmoid=False)
         gpu = extension.nms(*found, iou_threshold=mc.nms, detections=mc.detections)
         cpu = model.cpu().detect(cpu_heads, size)

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from odtk.data import Augment, CocoDataset, make_loader
+from odtk.data import Augment, CocoDataset, Loader, make_loader
 from odtk.main import main
 from odtk.model import Model
 from odtk.utils import OdtkError
@@ -121,6 +122,32 @@ def test_category_ids_10_20_30_map_like_pytorch(dali, synthetic):
     assert batches == len(ours) == len(ref) == 3
     labels = torch.cat([l[l >= 0] for _, _, l, _, _ in ours])
     assert set(labels.tolist()) == {0, 1, 2}
+
+
+def test_pytorch_loader_follows_the_loader_protocol(synthetic):
+    images, train, _ = synthetic
+    ds = CocoDataset(images, train, resize=64, max_size=64)
+    loader = make_loader(ds, batch_size=4, training=True, workers=0, seed=3)
+    assert isinstance(loader, Loader) and loader.batches == loader.sampler.batches == 6
+    assert not isinstance(DataLoader(ds), Loader)                 # no start/batches: the check means something
+    loader.start(1)
+    epoch = [ids.tolist() for _, _, _, ids, _ in loader]
+    loader.start(1, 2)                                            # resume epoch 1 at its third batch
+    assert [ids.tolist() for _, _, _, ids, _ in loader] == epoch[2:] and len(epoch) == loader.batches
+    loader.start(2)
+    assert [ids.tolist() for _, _, _, ids, _ in loader] != epoch  # another epoch, another shuffle
+    inference = make_loader(ds, batch_size=5, training=False, workers=0)
+    inference.start(3)                                            # one order: nothing to position
+    assert isinstance(inference, Loader) and inference.batches == len(list(inference)) == 5
+
+
+def test_dali_loader_follows_the_loader_protocol(dali, synthetic):
+    images, train, _ = synthetic
+    loader = _loader(CocoDataset(images, train, resize=64, max_size=64), batch_size=4, training=True)
+    assert isinstance(loader, Loader) and loader.batches == 6
+    loader.start(0)
+    assert len(list(loader)) == loader.batches
+    assert loader.sampler is loader                               # the old loader.sampler.start still works
 
 
 def test_training_flips_boxes_with_the_image(dali, synthetic):
