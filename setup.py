@@ -100,11 +100,19 @@ def extensions() -> Tuple[List, dict]:
     return [ext], {"build_ext": BuildExtension}
 
 
+def version() -> str:
+    """odtk/version.py's __version__, without importing odtk (its dependencies may not be installed yet)."""
+    scope: dict = {}
+    with open(os.path.join("odtk", "version.py")) as f:
+        exec(f.read(), scope)
+    return scope["__version__"]
+
+
 ext_modules, cmdclass = extensions()
 
 setup(
     name="odtk",
-    version="0.1.0",
+    version=version(),
     description="RetinaNet object detection toolkit: train, infer, evaluate and export on CPU or GPU",
     packages=find_packages(include=["odtk", "odtk.*"]),
     package_data={"odtk": ["py.typed"]},   # PEP 561: odtk's type hints are for type checkers too

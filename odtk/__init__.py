@@ -6,17 +6,16 @@
     >>> odtk.train(odtk.TrainConfig(model="new.pth", annotations="train.json", images="images/"))
     >>> odtk.export(odtk.ExportConfig(model="new.pth", output="new.onnx"))
 """
-__version__ = "0.1.0"   # the one version string: setup.py reads it from here
-
-from .convert import convert_voc, convert_yolo, write_coco  # noqa: E402
-from .data import Augment  # noqa: E402
-from .detector import Detections, Detector  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .export import ExportConfig, export  # noqa: E402
-from .infer import InferConfig, infer  # noqa: E402
-from .model import Model, ModelConfig  # noqa: E402
-from .train import TrainConfig, train  # noqa: E402
-from .utils import OdtkError  # noqa: E402
+from .version import __version__
+from .convert import convert_voc, convert_yolo, write_coco
+from .data import Augment
+from .detector import Detections, Detector
+from .evaluate import evaluate
+from .export import ExportConfig, export
+from .infer import InferConfig, infer
+from .model import Model, ModelConfig
+from .train import TrainConfig, train
+from .utils import OdtkError
 
 __all__ = ["__version__", "Detector", "Detections", "Model", "ModelConfig", "train", "TrainConfig", "Augment",
            "export", "ExportConfig", "infer", "InferConfig", "evaluate", "convert_voc", "convert_yolo", "write_coco",

@@ -4,7 +4,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Tuple
 
-from . import __version__
+from .version import __version__
 from .constants import category_ids_or_default
 from .utils import OdtkError
 
