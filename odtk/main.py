@@ -1,11 +1,10 @@
 """Command line: odtk {train,infer,export,convert,synthetic}."""
 import argparse
-import os
 import sys
 from typing import List, Optional
 
-from .distributed import MASTER
-from .utils import OdtkError, log, setup_logging
+from .distributed import MASTER, Context, TrainingStopped, WorkersFailed, torchrun_context, worker_setup
+from .utils import OdtkError, log
 
 BACKBONE_HELP = ("ResNet18FPN, ResNet34FPN, ResNet50FPN, ResNet101FPN, ResNet152FPN, ResNeXt50_32x4dFPN, "
                  "ResNeXt101_32x8dFPN, MobileNetV2FPN")
@@ -188,13 +187,19 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The CLI: process set-up (logging, threads; a torchrun worker's rank and device), then the command; the
+    only place where exceptions become exit codes (2: user error, 130: stopped by a signal)."""
     args = parse(argv)
-    setup_logging(args.verbose)
+    worker_setup((torchrun_context() if args.command == "train" else None) or Context(), args.verbose)
     try:
         run(args)
     except (OdtkError, OSError) as e:   # OSError: a file that failed after the up-front checks (disk full, ...)
         log.error(f"odtk {args.command}: error: {e}")
         return 2
+    except TrainingStopped as e:   # the trainer has logged where it saved
+        return e.exit_code
+    except WorkersFailed as e:     # each worker has logged its own error
+        return e.code
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
