@@ -42,7 +42,7 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
                    help="random shorter side while training")
     p.add_argument("--iters", type=int, default=90000, help="iterations")
     p.add_argument("--milestones", type=int, nargs="*", default=[60000, 80000], help="lr decay iterations")
-    p.add_argument("--schedule", type=float, default=1, help="scales --iters and --milestones")
+    p.add_argument("--schedule", type=float, default=1.0, help="scales --iters and --milestones")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate")
     p.add_argument("--warmup", type=int, default=1000, help="linear warmup iterations")
     p.add_argument("--gamma", type=float, default=0.1, help="lr decay factor at each milestone")
@@ -97,7 +97,7 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p = sub.add_parser("export", help="export to ONNX or a TensorRT engine", formatter_class=fmt)
     p.add_argument("model", help="model checkpoint (.pth)")
     p.add_argument("export", help="output: .onnx or .plan")
-    p.add_argument("--size", type=int, nargs="+", default=[1280], help="input size: square or height width")
+    p.add_argument("--size", type=int, nargs="+", default=[1280, 1280], help="input size: square or height width")
     p.add_argument("--batch", type=int, default=2, help="max batch size")
     p.add_argument("--full-precision", action="store_true",
                    help="TensorRT: FP32 engine instead of FP16 (ONNX is always exported in FP32)")

@@ -27,6 +27,11 @@ from .utils import OdtkError, log
 DEFAULT_BACKBONE = "ResNet50FPN"
 
 
+def training_augment() -> Augment:
+    """ODTK's training augmentation, the CLI's defaults: flips and a slight colour jitter (inference uses none)."""
+    return Augment(flip=True, brightness=0.002, contrast=0.002, saturation=0.002, hue=0.0002)
+
+
 @dataclass
 class TrainConfig:
     model: str
@@ -53,7 +58,7 @@ class TrainConfig:
     val_iters: int = 8000
     logdir: Optional[str] = None
     post_metrics: Optional[str] = None
-    augment: Augment = field(default_factory=Augment)
+    augment: Augment = field(default_factory=training_augment)
     anchor_ious: Tuple[float, float] = (0.4, 0.5)
     anchor_scales: Optional[List[float]] = None
     backbone_weights: Optional[str] = None
