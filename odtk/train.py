@@ -120,17 +120,7 @@ def build_model(cfg: TrainConfig, dataset: CocoDataset) -> Tuple[Model, dict]:
         num_classes = cfg.classes
     names = [dataset.class_names.get(c, str(c)) for c in dataset.category_ids]
     if cfg.fine_tune:
-        base, _ = Model.load(cfg.fine_tune)
-        mc = base.config
-        if mc.num_classes != num_classes or mc.category_ids != dataset.category_ids:
-            log.info(f"fine-tuning from {cfg.fine_tune}: new class head for {num_classes} classes")
-        config = ModelConfig(**{**mc.__dict__, "num_classes": num_classes, "category_ids": dataset.category_ids,
-                                "class_names": names, "anchor_ious": list(cfg.anchor_ious)})
-        model = Model(config=config)
-        own = model.state_dict()
-        model.load_state_dict({k: v for k, v in base.state_dict().items() if own[k].shape == v.shape},
-                              strict=False)
-        return model, {}
+        return fine_tuned(cfg, dataset, num_classes, names), {}
     backbones = list(cfg.backbone or [DEFAULT_BACKBONE])
     weights = {b: find_weights(b, cfg.backbone_weights) for b in backbones}
     pretrained = all(weights.values())
@@ -147,6 +137,23 @@ def build_model(cfg: TrainConfig, dataset: CocoDataset) -> Tuple[Model, dict]:
         log.warning("no ImageNet weights found (--backbone-weights, or torch's hub cache): training starts from "
                     "random weights, with trainable BatchNorm")
     return model, {}
+
+
+def fine_tuned(cfg: TrainConfig, dataset: CocoDataset, num_classes: int, names: List[str]) -> Model:
+    """--fine-tune: every weight of that checkpoint (its EMA when it has one) but the last class layer when the
+    classes differ, which starts afresh at the prior like a new model's."""
+    base, _ = Model.load(cfg.fine_tune)
+    mc = base.config
+    new_head = mc.num_classes != num_classes or mc.category_ids != dataset.category_ids
+    config = ModelConfig(**{**mc.__dict__, "num_classes": num_classes, "category_ids": dataset.category_ids,
+                            "class_names": names, "anchor_ious": list(cfg.anchor_ious)})
+    model = Model(config=config)
+    class_layer = f"cls_head.{len(model.cls_head) - 1}."
+    own = model.state_dict()
+    model.load_state_dict({k: own[k] if new_head and k.startswith(class_layer) else v
+                           for k, v in base.state_dict().items()})
+    log.info(f"fine-tuning from {cfg.fine_tune}" + (f": new class head for {num_classes} classes" if new_head else ""))
+    return model
 
 
 def check_resume(cfg: TrainConfig, config: ModelConfig) -> None:
