@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -61,18 +61,44 @@ def check_nodes(nodes: int, node_rank: int) -> None:
         raise OdtkError(f"--nodes {nodes} --node-rank {node_rank}: need 0 <= node rank < nodes")
 
 
-def init(ctx: Context, master: str = MASTER) -> None:
-    """Per-worker set-up: who logs (rank 0 speaks), device, CPU threads, process group."""
-    if ctx.rank:   # rank 0 speaks for all; the others only report their own errors
+class TrainingStopped(Exception):
+    """Training stopped on a signal after saving a checkpoint (`iteration`, None when reported by a launcher)."""
+
+    def __init__(self, iteration: Optional[int], signal: Optional[str], *, rank: int = 0):
+        super().__init__(f"stopped by {signal or 'a signal'} at iteration {iteration}")
+        self.iteration, self.signal, self.rank = iteration, signal, rank
+
+    @property
+    def exit_code(self) -> int:
+        # only rank 0 reports 130: a launcher (torchrun, ours) stops the other workers when one exits non-zero,
+        # and rank 0 may still be saving
+        return 130 if self.rank == 0 else 0
+
+
+class WorkersFailed(Exception):
+    """Spawned workers failed; each has logged its own error. `code`: 2 for a user error, 1 for a bug."""
+
+    def __init__(self, code: int):
+        super().__init__(f"training workers failed (exit code {code})")
+        self.code = code
+
+
+def worker_setup(ctx: Context, verbose: bool = False) -> None:
+    """Process-wide settings, the business of a worker's entry point (main, or a spawned worker), not of the
+    library: logging (rank 0 speaks for all, the others only report errors), device, CPU threads per worker."""
+    setup_logging(verbose)
+    if ctx.rank:
         log.setLevel("ERROR")
     if ctx.device.type == "cuda":
-        torch.cuda.set_device(ctx.device)
+        if ctx.distributed:
+            torch.cuda.set_device(ctx.device)
     else:   # share the cores among the workers of this node
         torch.set_num_threads(max(1, cpu_threads() // ctx.local_size))
+
+
+def join_group(ctx: Context) -> None:
+    """Join the process group (NCCL on GPU, gloo on CPU) at MASTER_ADDR/MASTER_PORT."""
     if ctx.distributed and not dist.is_initialized():
-        host, _, port = master.rpartition(":")
-        os.environ.setdefault("MASTER_ADDR", host)
-        os.environ.setdefault("MASTER_PORT", port)
         backend = "nccl" if ctx.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size,
                                 device_id=ctx.device if backend == "nccl" else None)
@@ -85,19 +111,20 @@ def shutdown() -> None:
 
 def _run(local_rank: int, fn: Callable[[Context], Any], node_rank: int, local: int, nodes: int, master: str,
          verbose: bool) -> None:
-    """A spawned worker: one-line errors, exit codes the parent maps back (2 = user error, 130 = stopped)."""
+    """A spawned worker's entry: process set-up, then one-line errors and exit codes the parent maps back
+    (2 = user error, 130 = stopped, 1 = a bug)."""
     ctx = Context(rank=node_rank * local + local_rank, world_size=nodes * local, local_rank=local_rank,
                   local_size=local)
     os.environ["MASTER_ADDR"], _, os.environ["MASTER_PORT"] = master.rpartition(":")
     try:
-        setup_logging(verbose)   # a spawned process starts unconfigured: its entry point sets logging up, as main's
-        init(ctx, master)
+        worker_setup(ctx, verbose)
+        join_group(ctx)
         fn(ctx)
-    except OdtkError as e:
+    except (OdtkError, OSError) as e:
         log.error(f"odtk train (rank {ctx.rank}): error: {e}")
         sys.exit(2)
-    except SystemExit:
-        raise
+    except TrainingStopped as e:
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception:   # a bug: its traceback, from the worker that hit it
@@ -109,12 +136,14 @@ def _run(local_rank: int, fn: Callable[[Context], Any], node_rank: int, local: i
 
 def launch(fn: Callable[[Context], Any], *, workers: Optional[int] = None, nodes: int = 1, node_rank: int = 0,
            master: str = MASTER, verbose: bool = False) -> Any:
-    """Run fn in every local worker; returns fn's result when it ran in this process (one worker, torchrun)."""
+    """Run fn in every local worker; returns fn's result when it ran in this process (one worker, torchrun).
+    Raises what fn raises (in this process), else TrainingStopped or WorkersFailed for the spawned workers.
+    Under torchrun the caller has set up this worker process (worker_setup); spawned workers set up their own."""
     ctx = torchrun_context()
     if ctx is not None:
         if workers is not None or nodes != 1:
             log.warning("launched by torchrun: its ranks are used, --workers/--nodes/--node-rank are ignored")
-        init(ctx, master)
+        join_group(ctx)
         try:
             return fn(ctx)
         finally:
@@ -122,9 +151,7 @@ def launch(fn: Callable[[Context], Any], *, workers: Optional[int] = None, nodes
     check_nodes(nodes, node_rank)
     local = local_workers(workers)
     if local == 1 and nodes == 1:
-        ctx = Context()
-        init(ctx, master)
-        return fn(ctx)
+        return fn(Context())
     log.info(f"{local} worker process{'es' if local > 1 else ''} on this node ({nodes} node{'s' if nodes > 1 else ''},"
              f" {'NCCL' if torch.cuda.is_available() else 'gloo'}), rank 0 at {master}")
     import torch.multiprocessing as mp
@@ -132,8 +159,10 @@ def launch(fn: Callable[[Context], Any], *, workers: Optional[int] = None, nodes
                                start_method="spawn")
     with forward_signals([p.pid for p in procs.processes]):
         code = wait_workers(procs.processes)
+    if code == 130:
+        raise TrainingStopped(None, None)
     if code:
-        raise SystemExit(code)
+        raise WorkersFailed(code)
     return None
 
 
@@ -227,3 +256,28 @@ def gather(items: list, ctx: Context) -> list:
     parts: List[Optional[list]] = [None] * ctx.world_size
     dist.all_gather_object(parts, items)
     return [x for part in parts for x in part]
+
+
+class Ranks:
+    """The one place where ranks agree. A decision that changes what a rank does next (skip a batch, stop, save,
+    diverge) is taken on all-reduced values, so every rank takes it at the same iteration: a rank deciding alone
+    would leave the others waiting in a collective (DDP's gradient all-reduce, a gather)."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def any(self, **flags: bool) -> Dict[str, bool]:
+        """Each flag, true on every rank when it is true on any."""
+        if not self.ctx.distributed:
+            return flags
+        votes = torch.tensor([float(v) for v in flags.values()], device=self.ctx.device)
+        dist.all_reduce(votes)
+        return {k: v > 0 for k, v in zip(flags, votes.tolist())}
+
+    def mean(self, values: torch.Tensor) -> List[float]:
+        """The mean over ranks of a 1-d tensor: every rank gets the same numbers (losses: diverged or not)."""
+        if self.ctx.distributed:
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= self.ctx.world_size
+        return values.tolist()

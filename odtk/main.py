@@ -1,11 +1,10 @@
 """Command line: odtk {train,infer,export,convert,synthetic}."""
 import argparse
-import os
 import sys
 from typing import List, Optional
 
-from .distributed import MASTER
-from .utils import OdtkError, log, setup_logging
+from .distributed import MASTER, Context, TrainingStopped, WorkersFailed, torchrun_context, worker_setup
+from .utils import OdtkError, log
 
 BACKBONE_HELP = ("ResNet18FPN, ResNet34FPN, ResNet50FPN, ResNet101FPN, ResNet152FPN, ResNeXt50_32x4dFPN, "
                  "ResNeXt101_32x8dFPN, MobileNetV2FPN")
@@ -43,7 +42,7 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
                    help="random shorter side while training")
     p.add_argument("--iters", type=int, default=90000, help="iterations")
     p.add_argument("--milestones", type=int, nargs="*", default=[60000, 80000], help="lr decay iterations")
-    p.add_argument("--schedule", type=float, default=1, help="scales --iters and --milestones")
+    p.add_argument("--schedule", type=float, default=1.0, help="scales --iters and --milestones")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate")
     p.add_argument("--warmup", type=int, default=1000, help="linear warmup iterations")
     p.add_argument("--gamma", type=float, default=0.1, help="lr decay factor at each milestone")
@@ -98,7 +97,7 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p = sub.add_parser("export", help="export to ONNX or a TensorRT engine", formatter_class=fmt)
     p.add_argument("model", help="model checkpoint (.pth)")
     p.add_argument("export", help="output: .onnx or .plan")
-    p.add_argument("--size", type=int, nargs="+", default=[1280], help="input size: square or height width")
+    p.add_argument("--size", type=int, nargs="+", default=[1280, 1280], help="input size: square or height width")
     p.add_argument("--batch", type=int, default=2, help="max batch size")
     p.add_argument("--full-precision", action="store_true",
                    help="TensorRT: FP32 engine instead of FP16 (ONNX is always exported in FP32)")
@@ -188,13 +187,19 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The CLI: process set-up (logging, threads; a torchrun worker's rank and device), then the command; the
+    only place where exceptions become exit codes (2: user error, 130: stopped by a signal)."""
     args = parse(argv)
-    setup_logging(args.verbose)
+    worker_setup((torchrun_context() if args.command == "train" else None) or Context(), args.verbose)
     try:
         run(args)
     except (OdtkError, OSError) as e:   # OSError: a file that failed after the up-front checks (disk full, ...)
         log.error(f"odtk {args.command}: error: {e}")
         return 2
+    except TrainingStopped as e:   # the trainer has logged where it saved
+        return e.exit_code
+    except WorkersFailed as e:     # each worker has logged its own error
+        return e.code
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130

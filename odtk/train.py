@@ -9,22 +9,27 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .backbones import BACKBONES, find_weights, load_imagenet
 from .checks import at_least, check_writable, non_negative, ordered_range, positive
 from .data import Augment, CocoDataset, loader_factory
-from .distributed import MASTER, Context, StopRequest, check_nodes, launch, local_workers, torchrun_context
+from .distributed import (MASTER, Context, Ranks, StopRequest, TrainingStopped, check_nodes, launch, local_workers,
+                          torchrun_context)
 from .model import Model, ModelConfig
 from .utils import OdtkError, log
 
 DEFAULT_BACKBONE = "ResNet50FPN"
+
+
+def training_augment() -> Augment:
+    """ODTK's training augmentation, the CLI's defaults: flips and a slight colour jitter (inference uses none)."""
+    return Augment(flip=True, brightness=0.002, contrast=0.002, saturation=0.002, hue=0.0002)
 
 
 @dataclass
@@ -53,7 +58,7 @@ class TrainConfig:
     val_iters: int = 8000
     logdir: Optional[str] = None
     post_metrics: Optional[str] = None
-    augment: Augment = field(default_factory=Augment)
+    augment: Augment = field(default_factory=training_augment)
     anchor_ious: Tuple[float, float] = (0.4, 0.5)
     anchor_scales: Optional[List[float]] = None
     backbone_weights: Optional[str] = None
@@ -115,17 +120,7 @@ def build_model(cfg: TrainConfig, dataset: CocoDataset) -> Tuple[Model, dict]:
         num_classes = cfg.classes
     names = [dataset.class_names.get(c, str(c)) for c in dataset.category_ids]
     if cfg.fine_tune:
-        base, _ = Model.load(cfg.fine_tune)
-        mc = base.config
-        if mc.num_classes != num_classes or mc.category_ids != dataset.category_ids:
-            log.info(f"fine-tuning from {cfg.fine_tune}: new class head for {num_classes} classes")
-        config = ModelConfig(**{**mc.__dict__, "num_classes": num_classes, "category_ids": dataset.category_ids,
-                                "class_names": names, "anchor_ious": list(cfg.anchor_ious)})
-        model = Model(config=config)
-        own = model.state_dict()
-        model.load_state_dict({k: v for k, v in base.state_dict().items() if own[k].shape == v.shape},
-                              strict=False)
-        return model, {}
+        return fine_tuned(cfg, dataset, num_classes, names), {}
     backbones = list(cfg.backbone or [DEFAULT_BACKBONE])
     weights = {b: find_weights(b, cfg.backbone_weights) for b in backbones}
     pretrained = all(weights.values())
@@ -142,6 +137,23 @@ def build_model(cfg: TrainConfig, dataset: CocoDataset) -> Tuple[Model, dict]:
         log.warning("no ImageNet weights found (--backbone-weights, or torch's hub cache): training starts from "
                     "random weights, with trainable BatchNorm")
     return model, {}
+
+
+def fine_tuned(cfg: TrainConfig, dataset: CocoDataset, num_classes: int, names: List[str]) -> Model:
+    """--fine-tune: every weight of that checkpoint (its EMA when it has one) but the last class layer when the
+    classes differ, which starts afresh at the prior like a new model's."""
+    base, _ = Model.load(cfg.fine_tune)
+    mc = base.config
+    new_head = mc.num_classes != num_classes or mc.category_ids != dataset.category_ids
+    config = ModelConfig(**{**mc.__dict__, "num_classes": num_classes, "category_ids": dataset.category_ids,
+                            "class_names": names, "anchor_ious": list(cfg.anchor_ious)})
+    model = Model(config=config)
+    class_layer = f"cls_head.{len(model.cls_head) - 1}."
+    own = model.state_dict()
+    model.load_state_dict({k: own[k] if new_head and k.startswith(class_layer) else v
+                           for k, v in base.state_dict().items()})
+    log.info(f"fine-tuning from {cfg.fine_tune}" + (f": new class head for {num_classes} classes" if new_head else ""))
+    return model
 
 
 def check_resume(cfg: TrainConfig, config: ModelConfig) -> None:
@@ -254,7 +266,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def train(cfg: TrainConfig) -> Optional[Dict[str, float]]:
-    """Train with cfg: checks inputs here (one-line errors), then runs one worker per device."""
+    """Train with cfg: checks inputs here (one-line errors), then runs one worker per device. Returns the loss
+    figures when training ran in this process; raises OdtkError, TrainingStopped (after a signal, with a
+    checkpoint) or WorkersFailed (spawned workers, which logged their errors)."""
     cfg.validate()   # again: the fields may have been changed since construction
     check_writable(cfg.model, "MODEL")
     for path in (cfg.annotations, cfg.val_annotations):   # before any worker starts: one message, not N
@@ -264,187 +278,282 @@ def train(cfg: TrainConfig) -> Optional[Dict[str, float]]:
     world = ctx.world_size if ctx else local_workers(cfg.workers) * cfg.nodes
     if cfg.batch is not None and cfg.batch % world:
         raise OdtkError(f"--batch {cfg.batch} does not split evenly over {world} workers")
-    return launch(functools.partial(train_worker, cfg), workers=cfg.workers, nodes=cfg.nodes,
+    return launch(functools.partial(worker, cfg), workers=cfg.workers, nodes=cfg.nodes,
                   node_rank=cfg.node_rank, master=cfg.master, verbose=cfg.verbose)
 
 
-def train_worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]:
-    """One worker's training loop (DDP when ctx has several). Returns loss figures and the per-iteration losses."""
-    torch.manual_seed(cfg.seed)
-    device = ctx.device
-    batch = cfg.batch if cfg.batch is not None else 2 * ctx.world_size   # train() checked that it splits evenly
+def worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]:
+    """One worker's training (a module-level function: spawned workers unpickle it)."""
+    return Trainer(cfg=cfg, ctx=ctx).fit()
+
+
+@dataclass
+class TrainState:
+    """What a step changes and a checkpoint restores."""
+    model: Model
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    ema: Optional[ModelEMA] = None
+    iteration: int = 0
+
+    @property
+    def amp(self) -> bool:
+        return self.scaler.is_enabled()
+
+    def checkpoint(self) -> dict:
+        """The training state saved beside the weights (Model.save's keyword arguments)."""
+        extra = {"scaler": self.scaler.state_dict()} if self.amp else {}
+        if self.ema:
+            extra["ema"] = self.ema.state_dict()
+        return {"iteration": self.iteration, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": rng_state(), **extra}
+
+
+def new_state(cfg: TrainConfig, model: Model, saved: dict, device: torch.device) -> TrainState:
+    """Optimizer, lr schedule, loss scaler and EMA for `model`, restored from a checkpoint's `saved` state (with
+    the random generators, so a resumed run draws what the whole run would have)."""
+    model = model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.regularization_l2)
+    milestones = [int(m * cfg.schedule) for m in cfg.milestones]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: lr_factor(i, warmup=cfg.warmup, milestones=milestones, gamma=cfg.gamma))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not cfg.full_precision)
+    state = TrainState(model, optimizer, scheduler, scaler, iteration=int(saved.get("iteration", 0)))
+    if "optimizer" in saved:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    if state.amp and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    if saved.get("rng"):
+        set_rng_state(saved["rng"])
+    if cfg.ema or saved.get("ema"):
+        averaged = saved.get("ema") or {}
+        state.ema = ModelEMA(model, cfg.ema or averaged["decay"], updates=averaged.get("updates", 0))
+        if averaged:
+            state.ema.module.load_state_dict(averaged["state_dict"])
+    return state
+
+
+def starting_point(cfg: TrainConfig) -> Tuple[CocoDataset, Model, dict, bool]:
+    """The training set, the model and its saved training state, and whether MODEL is resumed."""
     resumed = Model.load(cfg.model, ema=False) if os.path.exists(cfg.model) and not cfg.override else None
     dataset = CocoDataset(cfg.images, cfg.annotations, resize=cfg.resize, max_size=cfg.max_size,
                           jitter=cfg.jitter, augment=cfg.augment, require_boxes=True,
                           category_ids=resumed[0].config.category_ids if resumed else None)
     if cfg.val_annotations:   # fail on a bad validation set now, not hours into training
         CocoDataset(cfg.val_images or cfg.images, cfg.val_annotations, category_ids=dataset.category_ids)
-    if resumed:
-        model, state = resumed
-        check_resume(cfg, model.config)
-        log.info(f"resuming {cfg.model} at iteration {state.get('iteration', 0)}")
-    else:
-        model, state = build_model(cfg, dataset)
-    model = model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.regularization_l2)
-    iters = int(cfg.iters * cfg.schedule)
-    milestones = [int(m * cfg.schedule) for m in cfg.milestones]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: lr_factor(i, warmup=cfg.warmup, milestones=milestones, gamma=cfg.gamma))
-    amp = device.type == "cuda" and not cfg.full_precision
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    iteration = int(state.get("iteration", 0))
-    if "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    if amp and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    if state.get("rng"):
-        set_rng_state(state["rng"])
-    ema = None
-    if cfg.ema or state.get("ema"):
-        saved = state.get("ema") or {}
-        ema = ModelEMA(model, cfg.ema or saved["decay"], updates=saved.get("updates", 0))
-        if saved:
-            ema.module.load_state_dict(saved["state_dict"])
-    if iteration >= iters:
-        log.info(f"{cfg.model} already trained for {iteration} iterations (--iters {iters}); use --override to restart")
-        return {}
-    per_rank = batch // ctx.world_size
-    loader = loader_factory(cfg.with_dali)(dataset, batch_size=per_rank, training=True, workers=cfg.loader_workers,
-                                           size_divisible=model.config.size_divisible, rank=ctx.rank,
-                                           world_size=ctx.world_size, seed=cfg.seed)
-    steps_per_epoch = loader.sampler.batches
-    net = model
-    if ctx.distributed:
-        if device.type == "cuda" and not model.config.pretrained:   # trainable BN: statistics over all GPUs
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif not model.config.pretrained:
+    if not resumed:
+        return (dataset, *build_model(cfg, dataset), False)
+    model, saved = resumed
+    check_resume(cfg, model.config)
+    log.info(f"resuming {cfg.model} at iteration {saved.get('iteration', 0)}")
+    return dataset, model, saved, True
+
+
+def parallel(model: Model, ctx: Context) -> torch.nn.Module:
+    """The module the steps run: DDP over the ranks (trainable BatchNorm synchronised on GPU), else the model."""
+    if not ctx.distributed:
+        return model
+    if not model.config.pretrained:
+        if ctx.device.type == "cuda":   # trainable BN: statistics over all GPUs
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
             log.warning("trainable BatchNorm with gloo: each process normalises with its own batch statistics "
                         "(PyTorch's SyncBatchNorm is GPU-only)")
-        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    metrics = Metrics(cfg.logdir, cfg.post_metrics) if ctx.rank == 0 else Metrics(None, None)
+    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
-    saved_at = [iteration if resumed else None]   # the iteration MODEL holds (None: not written by this run)
 
-    def kept() -> str:
-        return f"{cfg.model} keeps iteration {saved_at[0]}" if saved_at[0] is not None else \
-            f"{cfg.model} was not written by this run"
+class Trainer:
+    """One worker's training loop, from small parts: the state (new_state), one `train_step`, and the periodic
+    jobs (`after_step`: progress and metrics, `checkpoint`, `validation`). Decisions that every rank must take
+    together (skip a batch, stop, save, a diverged loss) go through `self.ranks`."""
 
-    def save(final: bool = False):
-        # every rank checks (same weights everywhere), so all stop together; a poisoned file is never written
-        if not finite_weights(model):
-            raise OdtkError(f"weights are not finite at iteration {iteration}: training diverged; try a lower --lr "
-                            f"(now {cfg.lr}) or a longer --warmup; {kept()}")
-        if ctx.rank == 0:
-            extra = {"scaler": scaler.state_dict()} if amp else {}
-            if ema:
-                extra["ema"] = ema.state_dict()
+    def __init__(self, *, cfg: TrainConfig, ctx: Context = Context()):
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.ctx, self.ranks = cfg, ctx, Ranks(ctx)
+        self.dataset, model, saved, resumed = starting_point(cfg)
+        self.state = new_state(cfg, model, saved, ctx.device)
+        self.iters = int(cfg.iters * cfg.schedule)
+        self.batch = cfg.batch if cfg.batch is not None else 2 * ctx.world_size   # train() checked the split
+        self.saved_at = self.state.iteration if resumed else None   # what MODEL holds (None: not from this run)
+        self.net: torch.nn.Module = self.state.model   # DDP-wrapped by fit() when distributed
+        self.history: List[float] = []
+        self.seen = 0
+        self.start = self.last_save = time.time()
+
+    def fit(self) -> Dict[str, float]:
+        """Train up to the last iteration; returns the loss figures and per-iteration losses ({} when MODEL is
+        already trained). Raises TrainingStopped after a signal (with a checkpoint), OdtkError when training
+        diverges or the last save fails."""
+        if self.state.iteration >= self.iters:
+            log.info(f"{self.cfg.model} already trained for {self.state.iteration} iterations (--iters "
+                     f"{self.iters}); use --override to restart")
+            return {}
+        loader, self.net, metrics = self.prepare()
+        try:
+            with StopRequest() as stop:
+                stopped = self.loop(loader, metrics, stop)
+        finally:
+            metrics.close()
+        if stopped:
+            raise self.stopped(stop.signal)
+        return self.summary()
+
+    def prepare(self) -> Tuple[Iterable, torch.nn.Module, Metrics]:
+        """The loader, the network the steps run and the metrics writer; logs what is about to happen."""
+        cfg, ctx, model = self.cfg, self.ctx, self.state.model
+        loader = loader_factory(cfg.with_dali)(self.dataset, batch_size=self.batch // ctx.world_size, training=True,
+                                               workers=cfg.loader_workers, size_divisible=model.config.size_divisible,
+                                               rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed)
+        metrics = Metrics(cfg.logdir, cfg.post_metrics) if ctx.rank == 0 else Metrics(None, None)
+        log.debug(f"model config: {model.config}")
+        log.debug(f"train config: {cfg}")
+        precision = "fp16 mixed precision" if self.state.amp else "fp32"
+        log.info(f"training {'+'.join(model.config.backbones)} on {len(self.dataset)} images, {ctx.world_size} x "
+                 f"{ctx.device.type}, batch {self.batch} ({self.batch // ctx.world_size} per worker), {precision}, "
+                 f"{self.iters} iterations")
+        self.start = self.last_save = time.time()
+        return loader, parallel(model, ctx), metrics
+
+    def loop(self, loader, metrics: Metrics, stop: StopRequest) -> bool:
+        """Steps until the last iteration (False) or a stop agreed by the ranks (True)."""
+        with tqdm(total=self.iters, initial=self.state.iteration, desc="train", unit="it", dynamic_ncols=True,
+                  disable=self.ctx.rank != 0) as bar:
             try:
-                model.save(cfg.model, iteration=iteration, optimizer=optimizer.state_dict(),
-                           scheduler=scheduler.state_dict(), rng=rng_state(), **extra)
-            except OSError as e:   # training state stays in memory: retry at the next save, fail on the last
-                if final:
-                    raise OdtkError(f"{cfg.model}: cannot save the checkpoint at iteration {iteration} ({e}); "
-                                    f"{kept()}") from None
-                log.warning(f"{cfg.model}: cannot save the checkpoint at iteration {iteration} ({e}); training goes "
-                          f"on and retries at the next save")
-                return
-            saved_at[0] = iteration
-            log.debug(f"saved {cfg.model} at iteration {iteration}")
-
-    log.debug(f"model config: {model.config}")
-    log.debug(f"train config: {cfg}")
-    precision = "fp16 mixed precision" if amp else "fp32"
-    log.info(f"training {'+'.join(model.config.backbones)} on {len(dataset)} images, {ctx.world_size} x "
-             f"{device.type}, batch {batch} ({per_rank} per worker), {precision}, {iters} iterations")
-    def step(batch_) -> Tuple[float, float, float]:
-        """One optimisation step; returns the mean losses over ranks and the number of ranks asked to stop."""
-        images, boxes, labels, _, _ = (t.to(device, non_blocking=True) for t in batch_)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            heads = net(images)
-        losses = model.loss(([h.float() for h in heads[0]], [h.float() for h in heads[1]]), boxes, labels,
-                            distributed=ctx.distributed)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["cls"] + losses["box"]).backward()
-        # one collective a step: the mean losses for the log, the divergence check and any stop request, so every
-        # rank takes the same decision at the same iteration
-        shared = torch.stack([losses["cls"].detach(), losses["box"].detach(),
-                              torch.tensor(float(stop.requested), device=device)])
-        if ctx.distributed:
-            dist.all_reduce(shared)
-            shared[:2] /= ctx.world_size
-        cls_loss, box_loss, stop_votes = shared.tolist()
-        if not math.isfinite(cls_loss + box_loss):
-            raise OdtkError(f"loss is {cls_loss + box_loss} at iteration {iteration + 1}: training diverged; try a "
-                            f"lower --lr (now {cfg.lr}) or a longer --warmup; {kept()}")
-        if cfg.clip_grad:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if ema:
-            ema.update(model)
-        return cls_loss, box_loss, stop_votes
-
-    bar = tqdm(total=iters, initial=iteration, desc="train", unit="it", dynamic_ncols=True, disable=ctx.rank != 0)
-    start, last_save, seen, history = time.time(), time.time(), 0, []
-    stopped = False
-    with StopRequest() as stop:
-        while iteration < iters and not stopped:
-            loader.sampler.start(*divmod(iteration, steps_per_epoch))
-            try:
-                for batch_ in loader:
-                    if batch_ is None:   # every image of this batch was unreadable (each one was logged)
+                for batch in self.batches(loader):
+                    due = time.time() - self.last_save > 600
+                    votes = self.ranks.any(skip=batch is None, stop=stop.requested, save=due)
+                    if votes["stop"]:
+                        return True
+                    if votes["skip"]:   # a rank's batch had no readable image (each was logged): all skip it
                         continue
-                    cls_loss, box_loss, stop_votes = step(batch_)
-                    iteration += 1
-                    seen += per_rank * ctx.world_size
-                    values = {"loss/cls": cls_loss, "loss/box": box_loss, "lr": optimizer.param_groups[0]["lr"],
-                              "images_per_s": seen / (time.time() - start)}
-                    history.append(cls_loss + box_loss)
-                    bar.set_postfix(cls=f"{cls_loss:.3f}", box=f"{box_loss:.3f}", lr=f"{values['lr']:.2g}",
-                                    ims=f"{values['images_per_s']:.2f}")
-                    bar.update(1)
-                    if iteration % 10 == 0 or iteration == iters:
-                        metrics.log(values, iteration)
-                    if iteration % cfg.val_iters == 0 or iteration == iters or time.time() - last_save > 600:
-                        save(final=iteration == iters)
-                        last_save = time.time()
-                    if cfg.val_annotations and (iteration % cfg.val_iters == 0 or iteration == iters):
-                        try:
-                            ap = validate(ema.module if ema else model, cfg, ctx, batch=per_rank)
-                        except OSError as e:   # rank 0 writing the detections: training matters more
-                            log.warning(f"validation at iteration {iteration} skipped: {e}")
-                            ap = {}
-                        if ap:
-                            metrics.log({"val/AP": ap["AP"], "val/AP50": ap["AP50"]}, iteration)
-                        model.train()
-                    if stop_votes or iteration >= iters:
-                        stopped = bool(stop_votes)
-                        break
+                    cls_loss, box_loss = self.train_step(batch)
+                    self.after_step(cls_loss, box_loss, bar, metrics, save=votes["save"])
+                    if self.state.iteration >= self.iters:
+                        return False
             except RuntimeError:
-                # a SIGTERM sent to the whole process group also stops the loader's processes: save and stop
+                # a SIGTERM sent to the process group also ends the loader's processes, and torch raises this
+                # wherever the loop is: stop (and save) as asked
                 if not stop.requested:
                     raise
-                stopped = True
-    bar.close()
-    metrics.close()
-    if stopped:
-        save(final=True)
-        log.warning(f"stopped by {stop.signal or 'another worker'}: saved {cfg.model} at iteration {iteration}; "
-                    f"run the same command to resume")
-        # only rank 0 reports 130: a launcher stops the other workers when one exits non-zero, rank 0 mid-save too
-        raise SystemExit(130 if ctx.rank == 0 else 0)
-    minutes = (time.time() - start) / 60
-    first = sum(history[:10]) / max(1, len(history[:10]))
-    last = sum(history[-10:]) / max(1, len(history[-10:]))
-    log.info(f"done: iterations {iteration - len(history)} -> {iteration} in {minutes:.1f} min, {seen / max(1e-9, minutes * 60):.2f} im/s, "
-             f"loss {first:.3f} -> {last:.3f}, saved {cfg.model}")
-    return {"first_loss": first, "last_loss": last, "minutes": minutes, "losses": history,
-            "images_per_s": seen / max(1e-9, minutes * 60)}
+        return True
+
+    def batches(self, loader) -> Iterator[Optional[tuple]]:
+        """Batches from the current iteration on, epoch after epoch (a resumed run restarts mid-epoch); None for
+        a batch without any readable image."""
+        while True:
+            loader.sampler.start(*divmod(self.state.iteration, loader.sampler.batches))
+            yield from loader
+
+    def train_step(self, batch) -> Tuple[float, float]:
+        """One SGD step; returns the (cls, box) losses averaged over ranks. A non-finite loss raises before the
+        update: no weights are spoiled."""
+        s, device = self.state, self.ctx.device
+        images, boxes, labels, _, _ = (t.to(device, non_blocking=True) for t in batch)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=s.amp):
+            heads = self.net(images)
+        losses = s.model.loss(([h.float() for h in heads[0]], [h.float() for h in heads[1]]), boxes, labels,
+                              distributed=self.ctx.distributed)
+        s.optimizer.zero_grad(set_to_none=True)
+        s.scaler.scale(losses["cls"] + losses["box"]).backward()
+        cls_loss, box_loss = self.ranks.mean(torch.stack([losses["cls"].detach(), losses["box"].detach()]))
+        if not math.isfinite(cls_loss + box_loss):
+            raise self.diverged(f"loss is {cls_loss + box_loss}", s.iteration + 1)
+        if self.cfg.clip_grad:
+            s.scaler.unscale_(s.optimizer)
+            torch.nn.utils.clip_grad_norm_(s.optimizer.param_groups[0]["params"], self.cfg.clip_grad)
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        s.scheduler.step()
+        if s.ema:
+            s.ema.update(s.model)
+        s.iteration += 1
+        return cls_loss, box_loss
+
+    def after_step(self, cls_loss: float, box_loss: float, bar, metrics: Metrics, *, save: bool) -> None:
+        """The periodic jobs: progress and metrics, checkpoint (every --val-iters, at the end, or when `save`:
+        10 minutes since the last), validation."""
+        it, last, cfg = self.state.iteration, self.state.iteration == self.iters, self.cfg
+        self.seen += self.batch
+        values = {"loss/cls": cls_loss, "loss/box": box_loss, "lr": self.state.optimizer.param_groups[0]["lr"],
+                  "images_per_s": self.seen / (time.time() - self.start)}
+        self.history.append(cls_loss + box_loss)
+        bar.set_postfix(cls=f"{cls_loss:.3f}", box=f"{box_loss:.3f}", lr=f"{values['lr']:.2g}",
+                        ims=f"{values['images_per_s']:.2f}")
+        bar.update(1)
+        if it % 10 == 0 or last:
+            metrics.log(values, it)
+        if it % cfg.val_iters == 0 or last or save:
+            self.checkpoint(final=last)
+        if cfg.val_annotations and (it % cfg.val_iters == 0 or last):
+            ap = self.validation()
+            if ap:
+                metrics.log({"val/AP": ap["AP"], "val/AP50": ap["AP50"]}, it)
+
+    def checkpoint(self, *, final: bool = False) -> None:
+        """Save MODEL (rank 0), never with non-finite weights. A failed save is retried at the next one; the
+        final one raises."""
+        s, cfg = self.state, self.cfg
+        # a finite loss can still leave NaN weights. Each rank checks its own copy, identical under DDP, so all
+        # decide alike without a collective: the save after a stop may not find the other ranks in step
+        if not finite_weights(s.model):
+            raise self.diverged("weights are not finite", s.iteration)
+        self.last_save = time.time()   # a failed save too: the next try comes with the next periodic save
+        if self.ctx.rank == 0:
+            try:
+                s.model.save(cfg.model, **s.checkpoint())
+            except OSError as e:   # the training state stays in memory
+                if final:
+                    raise OdtkError(f"{cfg.model}: cannot save the checkpoint at iteration {s.iteration} ({e}); "
+                                    f"{self.kept()}") from None
+                log.warning(f"{cfg.model}: cannot save the checkpoint at iteration {s.iteration} ({e}); training "
+                            f"goes on and retries at the next save")
+                return
+            self.saved_at = s.iteration
+            log.debug(f"saved {cfg.model} at iteration {s.iteration}")
+
+    def validation(self) -> Dict[str, float]:
+        """COCO AP of the (EMA) weights on --val-annotations, each rank inferring its shard ({} off rank 0)."""
+        s = self.state
+        try:
+            return validate(s.ema.module if s.ema else s.model, self.cfg, self.ctx,
+                            batch=self.batch // self.ctx.world_size)
+        except OSError as e:   # rank 0 writing the detections: training matters more
+            log.warning(f"validation at iteration {s.iteration} skipped: {e}")
+            return {}
+        finally:
+            s.model.train()
+
+    def kept(self) -> str:
+        """What MODEL holds, for messages about a run that did not save."""
+        if self.saved_at is None:
+            return f"{self.cfg.model} was not written by this run"
+        return f"{self.cfg.model} keeps iteration {self.saved_at}"
+
+    def diverged(self, what: str, iteration: int) -> OdtkError:
+        return OdtkError(f"{what} at iteration {iteration}: training diverged; try a lower --lr (now {self.cfg.lr}) "
+                         f"or a longer --warmup; {self.kept()}")
+
+    def stopped(self, signal: Optional[str]) -> TrainingStopped:
+        """After a stop agreed by the ranks: a checkpoint, and the exception that reports it."""
+        self.checkpoint(final=True)
+        log.warning(f"stopped by {signal or 'another worker'}: saved {self.cfg.model} at iteration "
+                    f"{self.state.iteration}; run the same command to resume")
+        return TrainingStopped(self.state.iteration, signal, rank=self.ctx.rank)
+
+    def summary(self) -> Dict[str, float]:
+        """The 'done' line; loss figures and the per-iteration losses."""
+        minutes = (time.time() - self.start) / 60
+        speed = self.seen / max(1e-9, minutes * 60)
+        first = sum(self.history[:10]) / max(1, len(self.history[:10]))
+        last = sum(self.history[-10:]) / max(1, len(self.history[-10:]))
+        it = self.state.iteration
+        log.info(f"done: iterations {it - len(self.history)} -> {it} in {minutes:.1f} min, {speed:.2f} im/s, "
+                 f"loss {first:.3f} -> {last:.3f}, saved {self.cfg.model}")
+        return {"first_loss": first, "last_loss": last, "minutes": minutes, "losses": self.history,
+                "images_per_s": speed}
 
 
 def validate(model: Model, cfg: TrainConfig, ctx: Context = Context(), *, batch: int) -> Dict[str, float]:

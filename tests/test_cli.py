@@ -1,4 +1,5 @@
 """CLI error paths: one clear line naming the file and the problem, exit code 2, no traceback."""
+import dataclasses
 import subprocess
 import sys
 
@@ -6,8 +7,11 @@ import pytest
 from conftest import mobilenet_weights
 
 import odtk.train
+from odtk.export import ExportConfig
+from odtk.infer import InferConfig
 from odtk.main import main, parse
 from odtk.model import Model
+from odtk.train import TrainConfig
 
 
 def test_defaults_follow_odtk():
@@ -20,7 +24,57 @@ def test_defaults_follow_odtk():
     assert a.augment_brightness == a.augment_contrast == a.augment_saturation == 0.002
     assert a.master == "127.0.0.1:29500" and not a.augment_crop
     e = parse(["export", "m.pth", "m.onnx"])
-    assert e.size == [1280] and e.batch == 2 and e.calibration_batches == 2
+    assert e.size == [1280, 1280] and e.batch == 2 and e.calibration_batches == 2
+
+
+def field_defaults(config) -> dict:
+    """A config dataclass's defaults by field (required fields have none); Augment's as augment_<field>."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(config)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    augment = defaults.pop("augment", None)
+    if augment is not None:
+        defaults.update({f"augment_{k}": v for k, v in vars(augment).items()})
+    return defaults
+
+
+def plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+@pytest.mark.parametrize("argv, config, renamed, unflagged", [
+    (["train", "m.pth", "--annotations", "a.json"], TrainConfig, {}, {"augment_flip"}),
+    (["infer", "m.pth"], InferConfig, {}, set()),
+    (["export", "m.pth", "m.onnx"], ExportConfig, {"export": "output"}, set()),
+])
+def test_every_cli_default_is_the_config_default(argv, config, renamed, unflagged):
+    """One source of truth: a flag left out means the dataclass field's default, so Python users of
+    TrainConfig/InferConfig/ExportConfig get what the CLI does."""
+    defaults = field_defaults(config)
+    compared = []
+    for dest, value in vars(parse(argv)).items():
+        name = renamed.get(dest, dest)
+        if name in defaults:
+            assert plain(value) == plain(defaults.pop(name)), f"--{dest.replace('_', '-')}"
+            compared.append(name)
+    assert set(defaults) == unflagged and len(compared) >= 10
+    if config is TrainConfig:       # the only field without a flag: main passes flip=True, the default
+        assert defaults["augment_flip"] is True and TrainConfig(model="m", annotations="a").augment.brightness > 0
+
+
+@pytest.mark.parametrize("argv, target, expected", [
+    (["train", "m.pth", "--annotations", "a.json"], "odtk.train.train",
+     TrainConfig(model="m.pth", annotations="a.json")),
+    (["infer", "m.pth"], "odtk.infer.infer", InferConfig(model="m.pth")),
+    (["export", "m.pth", "m.onnx"], "odtk.export.export", ExportConfig(model="m.pth", output="m.onnx")),
+])
+def test_the_cli_builds_the_default_config(argv, target, expected, monkeypatch, tmp_path):
+    """`odtk train m.pth --annotations a.json` hands train() exactly TrainConfig(model=..., annotations=...)."""
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr(target, seen.append)
+    assert main(argv) == 0
+    assert seen == [expected]
 
 
 def test_verbose_before_or_after_the_command():

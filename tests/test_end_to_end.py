@@ -5,33 +5,54 @@ import logging
 import pytest
 import torch
 
+from odtk.data import CocoDataset, make_loader
 from odtk.main import main
 from odtk.model import Model
+from odtk.train import TrainConfig, build_model
 
+
+def mean_loss(model: Model, images: str, annotations: str) -> float:
+    """The model's mean training loss (focal + box) over a set, without augmentation."""
+    dataset = CocoDataset(images, annotations, resize=128, max_size=128, category_ids=model.config.category_ids)
+    loader = make_loader(dataset, batch_size=8, training=False, workers=0, size_divisible=model.config.size_divisible)
+    losses = []
+    with torch.no_grad():
+        for x, boxes, labels, _, _ in loader:
+            parts = model.eval().loss(model(x), boxes, labels)
+            losses.append(float(parts["cls"] + parts["box"]))
+    return sum(losses) / len(losses)
 
 
 def test_loss_falls_and_checkpoint_is_complete(trained):
-    model, *_ = trained
+    model, images, train, _, weights = trained
     m, state = Model.load(model)
     assert state["iteration"] == 60 and "optimizer" in state and "scheduler" in state
     assert m.config.category_ids == [10, 20, 30] and m.config.class_names == ["square", "circle", "triangle"]
+    # the model training started from: the recipe's build, same seed
+    torch.manual_seed(0)
+    cfg = TrainConfig(model=model, annotations=train, images=images, backbone=["MobileNetV2FPN"],
+                      anchor_scales=[2.0, 2.52, 3.17], backbone_weights=weights)
+    start, _ = build_model(cfg, CocoDataset(images, train))
+    before, after = mean_loss(start, images, train), mean_loss(m, images, train)
+    assert after < 0.9 * before, (before, after)
 
 
-def test_infer_ap_positive_and_equals_pycocotools(trained, capsys):
+def test_infer_ap_positive_and_equals_pycocotools(trained, synthetic, capsys):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     from odtk.infer import InferConfig, infer
 
-    model, images, train, out, _ = trained
+    model, images, _, out, _ = trained
+    val = synthetic[2]              # images the model never trained on
     detections = str(out / "dets.json")
-    results = infer(InferConfig(model=model, images=images, annotations=train, output=detections, batch=4,
+    results = infer(InferConfig(model=model, images=images, annotations=val, output=detections, batch=4,
                                 resize=128, max_size=128, loader_workers=0))
     assert results["AP"] > 0
     printed = capsys.readouterr().out
     assert "square" in printed and "AP50" in printed                 # the per-class table
     rows = json.load(open(detections))
     assert {r["category_id"] for r in rows} <= {10, 20, 30}
-    gt = COCO(train)
+    gt = COCO(val)
     ev = COCOeval(gt, gt.loadRes(detections), "bbox")
     ev.evaluate(), ev.accumulate(), ev.summarize()
     assert round(ev.stats[0], 4) == round(results["AP"], 4)
