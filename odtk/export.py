@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import box as box_ops
 from .constants import DEFAULT_OPSET
+from .checks import check_writable
 from .model import Model
 from .onnx_meta import metadata, read_metadata, set_metadata  # noqa: F401  (read_metadata: odtk.export's API)
 from .utils import OdtkError, atomic_path, log
@@ -280,6 +281,7 @@ def quantize_int8(fp32: str, output: str, cfg: ExportConfig, size: Tuple[int, in
 def export(cfg: ExportConfig) -> None:
     import onnx
     from tqdm import tqdm
+    check_writable(cfg.output, "the export output", "model.onnx")   # before the work, not after it
     ext = os.path.splitext(cfg.output)[1].lower()
     if ext == ".plan":
         return export_plan(cfg)

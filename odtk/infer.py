@@ -12,6 +12,7 @@ from tqdm import tqdm
 from .data import CocoDataset, image_size, loader_factory
 from .detector import Detector
 from .distributed import Context, gather
+from .checks import check_writable
 from .evaluate import evaluate
 from .model import Model
 from .utils import OdtkError, atomic_write_text, log
@@ -100,6 +101,7 @@ def run_model(model: Model, cfg: InferConfig, ctx: Optional[Context] = None) -> 
 
 def infer(cfg: InferConfig) -> Dict[str, float]:
     """`odtk infer`: any model format over a folder or a COCO file."""
+    check_writable(cfg.output, "--output", "detections.json")   # before the work, not after it
     ext = os.path.splitext(cfg.model)[1].lower()
     detector = Detector.load(cfg.model, precision="fp32" if cfg.full_precision else None, verbose=cfg.verbose)
     b = detector.backend

@@ -157,17 +157,15 @@ def run(args: argparse.Namespace) -> None:
             master=args.master, with_dali=args.with_dali, verbose=args.verbose)
         train(cfg)
     elif args.command == "infer":
-        from .checks import check_writable
         from .infer import InferConfig, infer
-        check_writable(args.output, "--output", "detections.json")
-        infer(InferConfig(model=args.model, images=args.images, annotations=args.annotations, output=args.output,
+        results = infer(InferConfig(model=args.model, images=args.images, annotations=args.annotations, output=args.output,
                           batch=args.batch, resize=args.resize, max_size=args.max_size,
                           full_precision=args.full_precision, loader_workers=args.loader_workers,
                           with_dali=args.with_dali, verbose=args.verbose))
+        if results.get("table"):   # the library returns the evaluation report; showing it is the CLI's job
+            print(results["table"])
     elif args.command == "export":
-        from .checks import check_writable
         from .export import ExportConfig, export
-        check_writable(args.export, "the export output", "model.onnx")
         export(ExportConfig(model=args.model, output=args.export, size=tuple(args.size), batch=args.batch,
                             raw_heads=args.raw_heads, opset=args.opset, full_precision=args.full_precision,
                             int8=args.int8, calibration_images=args.calibration_images,

@@ -8,7 +8,7 @@ import queue
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -490,6 +490,7 @@ class Trainer:
         if cfg.val_annotations and (it % cfg.val_iters == 0 or last):
             ap = self.validation()
             if ap:
+                log.info(f"validation at iteration {it}:\n{ap['table']}")
                 metrics.log({"val/AP": ap["AP"], "val/AP50": ap["AP50"]}, it)
 
     def checkpoint(self, *, final: bool = False) -> None:
@@ -503,7 +504,8 @@ class Trainer:
         self.last_save = time.time()   # a failed save too: the next try comes with the next periodic save
         if self.ctx.rank == 0:
             try:
-                s.model.save(cfg.model, **s.checkpoint())
+                # the settings it was trained with: Detector.load takes its resize/max_size from them
+                s.model.save(cfg.model, **s.checkpoint(), train_config=asdict(cfg))
             except OSError as e:   # the training state stays in memory
                 if final:
                     raise OdtkError(f"{cfg.model}: cannot save the checkpoint at iteration {s.iteration} ({e}); "

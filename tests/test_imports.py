@@ -167,4 +167,6 @@ def test_only_entry_points_configure_logging():
     """Library code logs to the "odtk" logger and leaves handlers to the application: only odtk's entry points (the
     CLI, and the worker processes it spawns) call setup_logging, the one place with logging.basicConfig."""
     assert _calls("basicConfig") == {"odtk.utils.setup_logging"}
-    assert _calls("setup_logging") == {"odtk.main.main", "odtk.distributed._run"}
+    assert _calls("setup_logging") == {"odtk.distributed.worker_setup"}
+    assert _calls("worker_setup") == {"odtk.main.main", "odtk.distributed._run"}
+    assert _calls("set_num_threads") == {"odtk.distributed.worker_setup"}
