@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 DEMO ?= demo
 
-.PHONY: demo test install deps weights bench cuda-check tensorrt-check
+.PHONY: demo test test-slow install deps weights bench cuda-check tensorrt-check
 
 deps:  ## torch + torchvision, only when missing (a CPU machine here takes the wheels on its disk)
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install torch==2.14.1 torchvision==0.29.1
@@ -27,6 +27,10 @@ demo: install weights
 test: deps weights
 	$(PIP) install -q -e ".[test]"
 	$(PYTHON) -m pytest -q tests
+
+test-slow: deps weights  ## the tests marked slow (minutes each: e.g. a 200-iteration BCCD model for the Detector)
+	$(PIP) install -q -e ".[test]"
+	$(PYTHON) -m pytest -q -m slow tests
 
 bench: install
 	$(PYTHON) benchmarks/bench_model.py
