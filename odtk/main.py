@@ -158,11 +158,11 @@ def run(args: argparse.Namespace) -> None:
         train(cfg)
     elif args.command == "infer":
         from .infer import InferConfig, infer
-        results = infer(InferConfig(model=args.model, images=args.images, annotations=args.annotations, output=args.output,
-                          batch=args.batch, resize=args.resize, max_size=args.max_size,
-                          full_precision=args.full_precision, loader_workers=args.loader_workers,
-                          with_dali=args.with_dali, verbose=args.verbose))
-        if results.get("table"):   # the library returns the evaluation report; showing it is the CLI's job
+        results = infer(InferConfig(model=args.model, images=args.images, annotations=args.annotations,
+                                    output=args.output, batch=args.batch, resize=args.resize, max_size=args.max_size,
+                                    full_precision=args.full_precision, loader_workers=args.loader_workers,
+                                    with_dali=args.with_dali, verbose=args.verbose))
+        if results and results.get("table"):   # the library returns the evaluation report; showing it is the CLI's job
             print(results["table"])
     elif args.command == "export":
         from .export import ExportConfig, export

@@ -1,12 +1,12 @@
 """CLI error paths: one clear line naming the file and the problem, exit code 2, no traceback."""
 import dataclasses
+import importlib
 import subprocess
 import sys
 
 import pytest
 from conftest import mobilenet_weights
 
-import odtk.train
 from odtk.export import ExportConfig
 from odtk.infer import InferConfig
 from odtk.main import main, parse
@@ -16,7 +16,7 @@ from odtk.train import TrainConfig
 
 def test_defaults_follow_odtk():
     a = parse(["train", "m.pth", "--annotations", "a.json"])
-    assert a.backbone is None and odtk.train.DEFAULT_BACKBONE == "ResNet50FPN"
+    assert a.backbone is None and importlib.import_module("odtk.train").DEFAULT_BACKBONE == "ResNet50FPN"
     assert a.batch is None and a.resize == 800 and a.max_size == 1333
     assert a.jitter == [640, 1024] and a.iters == 90000 and a.milestones == [60000, 80000]
     assert a.lr == 0.01 and a.warmup == 1000 and a.gamma == 0.1 and a.regularization_l2 == 1e-4
@@ -63,16 +63,17 @@ def test_every_cli_default_is_the_config_default(argv, config, renamed, unflagge
 
 
 @pytest.mark.parametrize("argv, target, expected", [
-    (["train", "m.pth", "--annotations", "a.json"], "odtk.train.train",
+    (["train", "m.pth", "--annotations", "a.json"], ("odtk.train", "train"),
      TrainConfig(model="m.pth", annotations="a.json")),
-    (["infer", "m.pth"], "odtk.infer.infer", InferConfig(model="m.pth")),
-    (["export", "m.pth", "m.onnx"], "odtk.export.export", ExportConfig(model="m.pth", output="m.onnx")),
+    (["infer", "m.pth"], ("odtk.infer", "infer"), InferConfig(model="m.pth")),
+    (["export", "m.pth", "m.onnx"], ("odtk.export", "export"), ExportConfig(model="m.pth", output="m.onnx")),
 ])
 def test_the_cli_builds_the_default_config(argv, target, expected, monkeypatch, tmp_path):
     """`odtk train m.pth --annotations a.json` hands train() exactly TrainConfig(model=..., annotations=...)."""
     monkeypatch.chdir(tmp_path)
     seen = []
-    monkeypatch.setattr(target, seen.append)
+    # odtk.train/infer/export are the package's functions; their modules are reached through importlib
+    monkeypatch.setattr(importlib.import_module(target[0]), target[1], seen.append)
     assert main(argv) == 0
     assert seen == [expected]
 
@@ -133,12 +134,13 @@ def test_train_with_augment_crop(synthetic, tmp_path, monkeypatch, with_dali):
     if with_dali:
         pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
     seen = []
-    real = odtk.train.CocoDataset
+    train_module = importlib.import_module("odtk.train")
+    real = train_module.CocoDataset
 
     def dataset(*args, **kwargs):       # the training set is built with the crop on
         seen.append(kwargs.get("augment"))
         return real(*args, **kwargs)
-    monkeypatch.setattr(odtk.train, "CocoDataset", dataset)
+    monkeypatch.setattr(train_module, "CocoDataset", dataset)
     images, train, _ = synthetic
     out = str(tmp_path / "m.pth")
     argv = ["train", out, "--annotations", train, "--images", images, "--backbone", "MobileNetV2FPN",

@@ -48,8 +48,7 @@ def test_infer_ap_positive_and_equals_pycocotools(trained, synthetic, capsys):
     results = infer(InferConfig(model=model, images=images, annotations=val, output=detections, batch=4,
                                 resize=128, max_size=128, loader_workers=0))
     assert results["AP"] > 0
-    printed = capsys.readouterr().out
-    assert "square" in printed and "AP50" in printed                 # the per-class table
+    assert "square" in results["table"] and "AP50" in results["table"]   # the per-class table, for main to print
     rows = json.load(open(detections))
     assert {r["category_id"] for r in rows} <= {10, 20, 30}
     gt = COCO(val)
@@ -74,3 +73,13 @@ def test_infer_folder_without_annotations(trained, tmp_path):
                  "--batch", "8", "--loader-workers", "0"]) == 0
     rows = json.loads(out.read_text())
     assert rows and all(len(r["bbox"]) == 4 for r in rows)
+
+
+def test_cli_prints_the_evaluation_table(trained, synthetic, capsys):
+    """infer() returns the report; `odtk infer` prints it."""
+    from odtk.main import main
+    model, images, _, out, _ = trained
+    assert main(["infer", model, "--images", images, "--annotations", synthetic[2], "--output",
+                 str(out / "cli.json"), "--resize", "128", "--max-size", "128", "--loader-workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "square" in printed and "AP50" in printed and "Average Precision" in printed
