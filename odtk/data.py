@@ -361,8 +361,6 @@ class CocoDataset(Dataset):
             x = x.flip(2)
             w = x.shape[2]
             boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
-        if not (aug.brightness or aug.contrast or aug.saturation or aug.hue):
-            return normalize_image(x, self.mean, self.std), boxes
         x = x.float().div_(255)
         if aug.brightness:
             x = TF.adjust_brightness(x, rng.uniform(1 - aug.brightness, 1 + aug.brightness))

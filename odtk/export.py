@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import box as box_ops
 from .constants import DEFAULT_OPSET
-from .checks import check_writable
+from .checks import check_export, check_writable
 from .model import Model
 from .onnx_meta import metadata, read_metadata, set_metadata  # noqa: F401  (read_metadata: odtk.export's API)
 from .utils import OdtkError, atomic_path, log
@@ -40,7 +40,6 @@ class ExportConfig:
     verbose: bool = False
 
     def __post_init__(self) -> None:
-        from .checks import check_export
         check_export(self)
 
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from .data import CocoDataset, image_size, loader_factory
 from .detector import Detector
 from .distributed import Context, gather
-from .checks import check_writable
+from .checks import check_infer, check_writable
 from .evaluate import evaluate
 from .model import Model
 from .utils import OdtkError, atomic_write_text, log
@@ -33,7 +33,6 @@ class InferConfig:
     verbose: bool = False
 
     def __post_init__(self) -> None:
-        from .checks import check_infer
         check_infer(self)
 
 

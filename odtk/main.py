@@ -3,11 +3,12 @@ import argparse
 import sys
 from typing import List, Optional
 
+from .backbones import BACKBONES
+from .constants import DEFAULT_OPSET
 from .distributed import MASTER, Context, TrainingStopped, WorkersFailed, torchrun_context, worker_setup
 from .utils import OdtkError, log
 
-BACKBONE_HELP = ("ResNet18FPN, ResNet34FPN, ResNet50FPN, ResNet101FPN, ResNet152FPN, ResNeXt50_32x4dFPN, "
-                 "ResNeXt101_32x8dFPN, MobileNetV2FPN")
+BACKBONE_HELP = ", ".join(BACKBONES)
 
 
 def _master(value: str) -> str:
@@ -107,7 +108,7 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--calibration-images", default=None, metavar="FOLDER",
                    help="folder of calibration images (required with --int8 unless --calibration-table exists)")
     p.add_argument("--calibration-table", default="", help="calibration table to save/reuse")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     p.add_argument("--raw-heads", action="store_true",
                    help="export only the network (input_1 -> score_1..N, box_1..N: ODTK's TensorRT contract) instead "
                         "of the end-to-end graph with decode and NMS (scores, boxes, classes) that ONNX Runtime runs")

@@ -143,7 +143,7 @@ class Model(nn.Module):
                                threshold=cfg.threshold if threshold is None else threshold, top_n=cfg.top_n,
                                image_size=image_size)
         return box_ops.nms(*found, cls_heads[0].shape[0], iou_threshold=cfg.nms if nms is None else nms,
-                           detections=detections or cfg.detections)
+                           detections=cfg.detections if detections is None else detections)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

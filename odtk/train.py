@@ -444,7 +444,7 @@ class Trainer:
         """Batches from the current iteration on, epoch after epoch (a resumed run restarts mid-epoch); None for
         a batch without any readable image."""
         while True:
-            loader.sampler.start(*divmod(self.state.iteration, loader.sampler.batches))
+            loader.start(*divmod(self.state.iteration, loader.batches))   # the Loader protocol, both loaders
             yield from loader
 
     def train_step(self, batch) -> Tuple[float, float]:
