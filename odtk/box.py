@@ -114,13 +114,32 @@ def anchor_major(head: Tensor, num_anchors: int) -> Tensor:
     return head.reshape(-1, num_anchors, k, h, w).permute(0, 3, 4, 1, 2).reshape(-1, h * w * num_anchors, k)
 
 
+def top_k(scores: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Per row of `scores` [B, N], the k best (values, indices) in odtk's one order: score descending, then index
+    ascending. torch.topk leaves the order of equal scores (and which of them make the cut) unspecified, and fp16
+    heads tie often; odtk._C's kernels sort the same way, so both keep the same boxes in the same order."""
+    if k >= scores.shape[1]:
+        return scores.sort(dim=1, descending=True, stable=True)
+    kth = scores.topk(k, dim=1).values[:, -1:]
+    chosen = scores > kth
+    tied = scores == kth
+    need = k - chosen.sum(1, keepdim=True)
+    if bool((tied.sum(1, keepdim=True) > need).any()):   # ties straddle the cut: keep the lowest indices
+        tied &= tied.cumsum(1) <= need
+    chosen |= tied
+    index = chosen.nonzero()[:, 1].view(scores.shape[0], k)        # ascending within each row
+    values, order = scores.gather(1, index).sort(dim=1, descending=True, stable=True)
+    return values, index.gather(1, order)
+
+
 def decode(cls_heads: List[Tensor], box_heads: List[Tensor], anchors: List[Tensor], *,
            threshold: float = 0.05, top_n: int = 1000, image_size: Tuple[int, int] = None
            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-level score threshold and top-n, then deltas -> boxes.
 
     Heads are [B, A*C, H, W] and [B, A*4, H, W] per level, anchors [H*W*A, 4]. Returns flat
-    (batch index, score, box, class) over all levels.
+    (batch index, score, box, class) over all levels; within a level and image, candidates come in `top_k`'s order
+    (score descending, then flat anchor index (y, x, a, c) ascending).
     """
     out_b, out_s, out_box, out_c = [], [], [], []
     for cls_head, box_head, level_anchors in zip(cls_heads, box_heads, anchors):
@@ -129,10 +148,9 @@ def decode(cls_heads: List[Tensor], box_heads: List[Tensor], anchors: List[Tenso
         num_classes = cls_head.shape[1] // num_anchors
         scores = anchor_major(cls_head.sigmoid(), num_anchors).reshape(b, -1)      # (y, x, a, c)
         deltas = anchor_major(box_head, num_anchors)
-        k = min(top_n, scores.shape[1])
-        top_scores, top_idx = scores.topk(k, dim=1)
+        top_scores, top_idx = top_k(scores, min(top_n, scores.shape[1]))
         keep = top_scores > threshold
-        batch_idx = torch.arange(b, device=scores.device)[:, None].expand(-1, k)[keep]
+        batch_idx = torch.arange(b, device=scores.device)[:, None].expand_as(keep)[keep]
         flat_idx = top_idx[keep]
         anchor_idx = flat_idx // num_classes
         out_b.append(batch_idx)
@@ -144,13 +162,20 @@ def decode(cls_heads: List[Tensor], box_heads: List[Tensor], anchors: List[Tenso
 
 def nms(batch_idx: Tensor, scores: Tensor, boxes: Tensor, classes: Tensor, batch_size: int, *,
         iou_threshold: float = 0.5, detections: int = 100) -> Tuple[Tensor, Tensor, Tensor]:
-    """Class-aware NMS per image -> scores [B, D], boxes [B, D, 4], classes [B, D] (zero padded)."""
+    """Class-aware NMS per image -> scores [B, D], boxes [B, D, 4], classes [B, D] (zero padded).
+
+    Candidates are visited by decreasing score, equal scores in input order (decode's: level, then flat anchor
+    index), as odtk._C's kernel visits them: torchvision sorts equal scores in no set order, so it is given ranks.
+    """
     out_scores = scores.new_zeros(batch_size, detections)
     out_boxes = boxes.new_zeros(batch_size, detections, 4)
     out_classes = classes.new_zeros(batch_size, detections)
+    order = scores.argsort(descending=True, stable=True)
+    batch_idx, scores, boxes, classes = batch_idx[order], scores[order], boxes[order], classes[order]
+    ranks = torch.arange(scores.numel(), 0, -1, device=scores.device, dtype=torch.float32)   # distinct, same order
     # one NMS call for the whole batch: offset groups so (image, class) pairs never interact
     groups = batch_idx * (int(classes.max()) + 1 if classes.numel() else 1) + classes
-    keep = batched_nms(boxes, scores, groups, iou_threshold)   # sorted by decreasing score
+    keep = batched_nms(boxes, ranks, groups, iou_threshold)   # in rank order
     for i in range(batch_size):
         k = keep[batch_idx[keep] == i][:detections]
         n = k.numel()

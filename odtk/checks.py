@@ -4,6 +4,7 @@ import math
 import os
 from typing import Optional, Sequence
 
+from .distributed import resolve_device
 from .utils import OdtkError
 
 
@@ -55,6 +56,7 @@ def check_infer(cfg) -> None:
     at_least("--resize", cfg.resize, 1)
     at_least("--max-size", cfg.max_size, 1)
     at_least("--loader-workers", cfg.loader_workers, 0)
+    resolve_device(cfg.device)
 
 
 def check_export(cfg) -> None:
@@ -65,6 +67,10 @@ def check_export(cfg) -> None:
     at_least("--calibration-batches", cfg.calibration_batches, 1)
     if cfg.opset < 17:
         raise OdtkError(f"--opset {cfg.opset}: odtk exports need opset 17 or newer")
+    resolve_device(cfg.device)
+    if cfg.device == "cpu" and cfg.output.lower().endswith(".plan"):
+        raise OdtkError(f"{cfg.output}: --device cpu: TensorRT engines are built and run on a GPU; export .onnx for "
+                        f"the CPU (ONNX Runtime)")
     reuse_table = cfg.calibration_table and os.path.isfile(cfg.calibration_table)
     if cfg.int8 and not cfg.calibration_images and not reuse_table:
         raise OdtkError("--int8 needs --calibration-images FOLDER: a few dozen images like the ones the model will "

@@ -169,12 +169,11 @@ class DaliLoader:
     """
 
     def __init__(self, dataset: CocoDataset, *, batch_size: int, training: bool, size_divisible: int, rank: int,
-                 world_size: int, seed: int, workers: int):
+                 world_size: int, seed: int, workers: int, gpu: Optional[int]):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
         self._tmp = tempfile.mkdtemp(prefix="odtk-dali-")
         weakref.finalize(self, shutil.rmtree, self._tmp, True)
         annotations = _reader_annotations(dataset, self._tmp)
-        gpu = rank % torch.cuda.device_count() if torch.cuda.is_available() else None
         self.device = "cpu" if gpu is None else f"cuda:{gpu}"
         pipe = _pipeline(dataset, annotations, batch_size=batch_size, training=training,
                          size_divisible=size_divisible, rank=rank, world_size=world_size, seed=seed,
@@ -210,8 +209,11 @@ class DaliLoader:
 
 
 def make_dali_loader(dataset: CocoDataset, *, batch_size: int, training: bool, workers: int = 2,
-                     size_divisible: int = 32, rank: int = 0, world_size: int = 1, seed: int = 0) -> DaliLoader:
-    """make_loader's batches from DALI: same arguments, same tuple; GPU decode when CUDA is present, else CPU."""
+                     size_divisible: int = 32, rank: int = 0, world_size: int = 1, seed: int = 0,
+                     device: Optional[torch.device] = None) -> DaliLoader:
+    """make_loader's batches from DALI: same arguments, same tuple. On `device`: a GPU decodes with nvJPEG and
+    yields batches on that GPU (the worker's own, by local rank), the CPU yields CPU batches; default: the current
+    GPU when CUDA is present, else the CPU."""
     _import_dali()
     if dataset.fit:
         raise OdtkError("--with-dali: fixed-size (ONNX) models are loaded with the PyTorch loader; drop --with-dali")
@@ -221,4 +223,14 @@ def make_dali_loader(dataset: CocoDataset, *, batch_size: int, training: bool, w
     if bad:
         raise OdtkError(f"--with-dali: category ids {bad[:5]} are outside DALI's lookup range 0..{MAX_CATEGORY_ID}")
     return DaliLoader(dataset, batch_size=batch_size, training=training, size_divisible=size_divisible, rank=rank,
-                      world_size=world_size, seed=seed, workers=workers)
+                      world_size=world_size, seed=seed, workers=workers, gpu=_gpu_index(device))
+
+
+def _gpu_index(device: Optional[torch.device]) -> Optional[int]:
+    """The GPU a DALI pipeline runs on (None: the CPU)."""
+    if device is None:
+        return torch.cuda.current_device() if torch.cuda.is_available() else None
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()

@@ -484,9 +484,11 @@ class TorchLoader(DataLoader):
 
 
 def make_loader(dataset: CocoDataset, *, batch_size: int, training: bool, workers: int = 2,
-                size_divisible: int = 32, rank: int = 0, world_size: int = 1, seed: int = 0) -> TorchLoader:
+                size_divisible: int = 32, rank: int = 0, world_size: int = 1, seed: int = 0,
+                device: Optional[torch.device] = None) -> TorchLoader:
     """Training: `batch_size` per process from TrainSampler (call `loader.start(epoch, batch)` before each epoch).
-    Inference: this rank's shard in order."""
+    Inference: this rank's shard in order. `device`: where the batches go (pinned memory for a GPU; default: a GPU
+    when present); the batches themselves stay on the CPU."""
     if training:
         sampler = TrainSampler(len(dataset), batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
         if not sampler.batches:
@@ -497,4 +499,4 @@ def make_loader(dataset: CocoDataset, *, batch_size: int, training: bool, worker
     return TorchLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                        collate_fn=_Collate(size_divisible, dataset.fit), drop_last=training,
                        worker_init_fn=_ignore_sigint if workers else None, persistent_workers=training and workers > 0,
-                       pin_memory=torch.cuda.is_available())
+                       pin_memory=torch.device(device).type == "cuda" if device else torch.cuda.is_available())

@@ -94,18 +94,24 @@ class Backend:
 
 
 class TorchBackend(Backend):
-    """A PyTorch `Model` on a device, fp32 or autocast fp16/bf16."""
+    """A PyTorch `Model` on a device, fp32 or autocast fp16/bf16. On a GPU the network runs channels-last (NHWC:
+    tensor-core convolutions without layout changes) and decode + NMS on odtk._C's kernels when built; `compile`
+    runs it through torch.compile (a slow first batch per input size, faster ones after)."""
     kind = "PyTorch"
 
     def __init__(self, model, *, device: Optional[Union[str, torch.device]] = None, precision: Optional[str] = None,
-                 resize: int = 800, max_size: int = 1333):
+                 resize: int = 800, max_size: int = 1333, compile: bool = False):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         precision = precision or ("fp16" if device.type == "cuda" else "fp32")
         if precision not in PRECISIONS:
             raise OdtkError(f"precision '{precision}': use one of {', '.join(PRECISIONS)}")
         if precision == "fp16" and device.type != "cuda":
             raise OdtkError("precision fp16 needs a CUDA device; use fp32 (or bf16) on the CPU")
+        self.channels_last = device.type == "cuda"
         self.model = model.to(device).eval()
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.network = torch.compile(self.model) if compile else self.model
         self.device, self.precision = device, precision
         mc = model.config
         self.category_ids = category_ids_or_default(mc.category_ids, mc.num_classes)
@@ -117,9 +123,11 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def __call__(self, images: Tensor, limits: Thresholds) -> Outputs:
         images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         with torch.autocast(self.device.type, dtype=dtype, enabled=self.precision != "fp32"):
-            heads = self.model(images)
+            heads = self.network(images)
         heads = ([h.float() for h in heads[0]], [h.float() for h in heads[1]])
         out = self.model.detect(heads, tuple(images.shape[-2:]), threshold=limits.score, nms=limits.nms,
                                 detections=limits.detections)
@@ -290,9 +298,10 @@ class Detector:
 
     @classmethod
     def load(cls, path: str, *, device: Optional[Union[str, torch.device]] = None, precision: Optional[str] = None,
-             verbose: bool = False, **limits) -> "Detector":
+             compile: bool = False, verbose: bool = False, **limits) -> "Detector":
         """A .pth checkpoint (EMA weights when it has them), an end-to-end .onnx (ONNX Runtime) or a .plan
-        (TensorRT). `device`/`precision` apply to .pth models (default: CUDA fp16 when present, else CPU fp32)."""
+        (TensorRT). `device`/`precision`/`compile` apply to .pth models (default: CUDA fp16 when present, else CPU
+        fp32; compile: torch.compile the network)."""
         ext = os.path.splitext(os.fspath(path))[1].lower()
         if ext in (".onnx", ".plan") and not os.path.isfile(path):
             raise OdtkError(f"{path}: model file not found")
@@ -304,7 +313,7 @@ class Detector:
         model, state = Model.load(path)
         trained = state.get("train_config") or {}
         return cls(TorchBackend(model, device=device, precision=precision, resize=trained.get("resize", 800),
-                                max_size=trained.get("max_size", 1333)), **limits)
+                                max_size=trained.get("max_size", 1333), compile=compile), **limits)
 
     @classmethod
     def from_model(cls, model, **kwargs) -> "Detector":

@@ -17,15 +17,30 @@ import torch.distributed as dist
 from .utils import OdtkError, cpu_threads, log, setup_logging
 
 MASTER = "127.0.0.1:29500"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> str:
+    """--device: 'auto' is CUDA when PyTorch sees a GPU, else the CPU; 'cuda' without a GPU is an error."""
+    if name not in DEVICES:
+        raise OdtkError(f"--device {name}: choose from {', '.join(DEVICES)}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise OdtkError("--device cuda: PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); use --device "
+                        "cpu, or a CUDA build of torch and a visible GPU")
+    return name
 
 
 @dataclass(frozen=True)
 class Context:
-    """Where this worker sits: global rank and size, rank and size on this node, its device."""
+    """Where this worker sits: global rank and size, rank and size on this node, its device (`device_type`: --device,
+    one of DEVICES; a CUDA worker takes the GPU of its local rank)."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     local_size: int = 1
+    device_type: str = "auto"
 
     @property
     def distributed(self) -> bool:
@@ -33,27 +48,39 @@ class Context:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda", self.local_rank) if resolve_device(self.device_type) == "cuda" else \
+            torch.device("cpu")
 
 
-def torchrun_context() -> Optional[Context]:
+def torchrun_context(device: str = "auto") -> Optional[Context]:
     """The worker's place when launched by torchrun (or any launcher that sets RANK/WORLD_SIZE/LOCAL_RANK)."""
     env = os.environ
     if not all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
         return None
     return Context(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=int(env["LOCAL_RANK"]),
-                   local_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
+                   local_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), device_type=device)
 
 
-def local_workers(requested: Optional[int]) -> int:
-    """--workers, else one per visible GPU, else one (CPU)."""
+def local_workers(requested: Optional[int], device: str = "auto") -> int:
+    """--workers, else one per visible GPU (CUDA), else one (CPU)."""
+    cuda = resolve_device(device) == "cuda"
     if requested is not None:
         if requested < 1:
             raise OdtkError(f"--workers {requested}: need at least 1")
-        if torch.cuda.is_available() and requested > torch.cuda.device_count():
-            raise OdtkError(f"--workers {requested}: only {torch.cuda.device_count()} GPUs are visible")
+        if cuda and requested > torch.cuda.device_count():
+            raise OdtkError(f"--workers {requested}: only {torch.cuda.device_count()} GPU(s) visible, one worker per "
+                            f"GPU; use --workers {torch.cuda.device_count()}, or --device cpu for CPU (gloo) workers")
         return requested
-    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+    return torch.cuda.device_count() if cuda else 1
+
+
+def check_gpus(ctx: Context) -> None:
+    """More workers on this node than visible GPUs would put two ranks on one GPU, which NCCL refuses with a
+    traceback from inside the process group's start: say so before anything starts."""
+    if ctx.device.type == "cuda" and ctx.local_size > torch.cuda.device_count():
+        raise OdtkError(f"{ctx.local_size} worker processes on this node but only {torch.cuda.device_count()} GPU(s) "
+                        f"visible: one GPU per worker (start fewer, e.g. torchrun --nproc-per-node "
+                        f"{torch.cuda.device_count()}), or --device cpu for CPU (gloo) workers")
 
 
 def check_nodes(nodes: int, node_rank: int) -> None:
@@ -85,10 +112,12 @@ class WorkersFailed(Exception):
 
 def worker_setup(ctx: Context, verbose: bool = False) -> None:
     """Process-wide settings, the business of a worker's entry point (main, or a spawned worker), not of the
-    library: logging (rank 0 speaks for all, the others only report errors), device, CPU threads per worker."""
+    library: logging (rank 0 speaks for all, the others only report errors), device, CPU threads per worker.
+    Raises OdtkError (logging is set up by then) when the node has fewer GPUs than workers."""
     setup_logging(verbose)
     if ctx.rank:
         log.setLevel("ERROR")
+    check_gpus(ctx)
     if ctx.device.type == "cuda":
         if ctx.distributed:
             torch.cuda.set_device(ctx.device)
@@ -110,11 +139,11 @@ def shutdown() -> None:
 
 
 def _run(local_rank: int, fn: Callable[[Context], Any], node_rank: int, local: int, nodes: int, master: str,
-         verbose: bool) -> None:
+         verbose: bool, device: str = "auto") -> None:
     """A spawned worker's entry: process set-up, then one-line errors and exit codes the parent maps back
     (2 = user error, 130 = stopped, 1 = a bug)."""
     ctx = Context(rank=node_rank * local + local_rank, world_size=nodes * local, local_rank=local_rank,
-                  local_size=local)
+                  local_size=local, device_type=device)
     os.environ["MASTER_ADDR"], _, os.environ["MASTER_PORT"] = master.rpartition(":")
     try:
         worker_setup(ctx, verbose)
@@ -135,11 +164,12 @@ def _run(local_rank: int, fn: Callable[[Context], Any], node_rank: int, local: i
 
 
 def launch(fn: Callable[[Context], Any], *, workers: Optional[int] = None, nodes: int = 1, node_rank: int = 0,
-           master: str = MASTER, verbose: bool = False) -> Any:
+           master: str = MASTER, verbose: bool = False, device: str = "auto") -> Any:
     """Run fn in every local worker; returns fn's result when it ran in this process (one worker, torchrun).
     Raises what fn raises (in this process), else TrainingStopped or WorkersFailed for the spawned workers.
-    Under torchrun the caller has set up this worker process (worker_setup); spawned workers set up their own."""
-    ctx = torchrun_context()
+    Under torchrun the caller has set up this worker process (worker_setup); spawned workers set up their own.
+    `device`: --device (auto, cpu, cuda)."""
+    ctx = torchrun_context(device)
     if ctx is not None:
         if workers is not None or nodes != 1:
             log.warning("launched by torchrun: its ranks are used, --workers/--nodes/--node-rank are ignored")
@@ -149,14 +179,15 @@ def launch(fn: Callable[[Context], Any], *, workers: Optional[int] = None, nodes
         finally:
             shutdown()
     check_nodes(nodes, node_rank)
-    local = local_workers(workers)
+    local = local_workers(workers, device)
     if local == 1 and nodes == 1:
-        return fn(Context())
+        return fn(Context(device_type=device))
+    backend = "NCCL" if resolve_device(device) == "cuda" else "gloo"
     log.info(f"{local} worker process{'es' if local > 1 else ''} on this node ({nodes} node{'s' if nodes > 1 else ''},"
-             f" {'NCCL' if torch.cuda.is_available() else 'gloo'}), rank 0 at {master}")
+             f" {backend}), rank 0 at {master}")
     import torch.multiprocessing as mp
-    procs = mp.start_processes(_run, args=(fn, node_rank, local, nodes, master, verbose), nprocs=local, join=False,
-                               start_method="spawn")
+    procs = mp.start_processes(_run, args=(fn, node_rank, local, nodes, master, verbose, device), nprocs=local,
+                               join=False, start_method="spawn")
     with forward_signals([p.pid for p in procs.processes]):
         code = wait_workers(procs.processes)
     if code == 130:

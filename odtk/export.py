@@ -37,6 +37,7 @@ class ExportConfig:
     calibration_batches: int = 2
     calibration_table: str = ""
     dynamic_batch_opts: Optional[Tuple[int, int, int]] = None
+    device: str = "auto"             # cpu refuses a .plan; ONNX is traced on the CPU either way
     verbose: bool = False
 
     def __post_init__(self) -> None:

@@ -70,10 +70,12 @@ def nms(scores: Tensor, boxes: Tensor, classes: Tensor, *, iou_threshold: float 
     return out_scores, out_boxes, out_classes.long()
 
 
-def detect(model, heads: Tuple[List[Tensor], List[Tensor]], image_size: Optional[Tuple[int, int]] = None
+def detect(model, heads: Tuple[List[Tensor], List[Tensor]], image_size: Optional[Tuple[int, int]] = None, *,
+           threshold: Optional[float] = None, nms_iou: Optional[float] = None, detections: Optional[int] = None
            ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Model.detect (decode + NMS with the model's thresholds) on the CUDA kernels, for heads on a GPU."""
+    """Model.detect (decode + NMS, the model's limits unless overridden) on the CUDA kernels, for heads on a GPU."""
     cfg = model.config
-    found = decode(heads[0], heads[1], model.cell_anchors, model.strides, threshold=cfg.threshold,
-                   top_n=cfg.top_n, image_size=image_size)
-    return nms(*found, iou_threshold=cfg.nms, detections=cfg.detections)
+    found = decode(heads[0], heads[1], model.cell_anchors, model.strides,
+                   threshold=cfg.threshold if threshold is None else threshold, top_n=cfg.top_n, image_size=image_size)
+    return nms(*found, iou_threshold=cfg.nms if nms_iou is None else nms_iou,
+               detections=cfg.detections if detections is None else detections)

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+import torch
 from tqdm import tqdm
 
 from .data import CocoDataset, image_size, loader_factory
@@ -30,6 +31,8 @@ class InferConfig:
     full_precision: bool = False
     loader_workers: int = 2
     with_dali: bool = False
+    device: str = "auto"     # a .pth model's device: auto = CUDA when present
+    compile: bool = False    # torch.compile the network (.pth)
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -56,7 +59,8 @@ def detect_dataset(detector: Detector, dataset: CocoDataset, cfg: InferConfig, c
     """COCO rows for this rank's shard of `dataset` (batches from odtk's loaders), image count, seconds."""
     loader = loader_factory(cfg.with_dali)(dataset, batch_size=cfg.batch, training=False,
                                            workers=cfg.loader_workers, size_divisible=detector.backend.size_divisible,
-                                           rank=ctx.rank, world_size=ctx.world_size)
+                                           rank=ctx.rank, world_size=ctx.world_size,
+                                           device=getattr(detector.backend, "device", torch.device("cpu")))
     sizes, rows, count, start = _Sizes(dataset), [], 0, time.time()
     shard = len(range(ctx.rank, len(dataset), ctx.world_size))
     with tqdm(total=shard, desc="infer", unit="img", dynamic_ncols=True, disable=ctx.rank != 0) as bar:
@@ -91,9 +95,9 @@ def run(detector: Detector, dataset: CocoDataset, cfg: InferConfig, ctx: Context
 def run_model(model: Model, cfg: InferConfig, ctx: Optional[Context] = None) -> Dict[str, float]:
     """Run a PyTorch model in memory over cfg's images (validation during training: `ctx` gives the worker's
     device and this rank's shard)."""
-    device = ctx.device if ctx else None
+    device = ctx.device if ctx else None if cfg.device == "auto" else cfg.device
     precision = "fp32" if cfg.full_precision else None
-    detector = Detector.from_model(model, device=device, precision=precision)
+    detector = Detector.from_model(model, device=device, precision=precision, compile=cfg.compile)
     dataset = detector.dataset(cfg.images, cfg.annotations, resize=cfg.resize, max_size=cfg.max_size)
     return run(detector, dataset, cfg, ctx or Context())
 
@@ -102,7 +106,8 @@ def infer(cfg: InferConfig) -> Dict[str, float]:
     """`odtk infer`: any model format over a folder or a COCO file."""
     check_writable(cfg.output, "--output", "detections.json")   # before the work, not after it
     ext = os.path.splitext(cfg.model)[1].lower()
-    detector = Detector.load(cfg.model, precision="fp32" if cfg.full_precision else None, verbose=cfg.verbose)
+    detector = Detector.load(cfg.model, device=None if cfg.device == "auto" else cfg.device,
+                             precision="fp32" if cfg.full_precision else None, compile=cfg.compile, verbose=cfg.verbose)
     b = detector.backend
     if b.max_batch and cfg.batch > b.max_batch:
         raise OdtkError(f"--batch {cfg.batch}: the engine takes at most {b.max_batch} images "

@@ -5,7 +5,7 @@ from typing import List, Optional
 
 from .backbones import BACKBONES
 from .constants import DEFAULT_OPSET
-from .distributed import MASTER, Context, TrainingStopped, WorkersFailed, torchrun_context, worker_setup
+from .distributed import DEVICES, MASTER, Context, TrainingStopped, WorkersFailed, torchrun_context, worker_setup
 from .utils import OdtkError, log
 
 BACKBONE_HELP = ", ".join(BACKBONES)
@@ -82,6 +82,8 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
                    help="training processes on this machine (DDP): default one per GPU; on CPU 1 (N > 1: gloo)")
     p.add_argument("--nodes", type=int, default=1, help="machines taking part (multi-node: same command on each)")
     p.add_argument("--node-rank", type=int, default=0, help="this machine's index among --nodes (0 hosts --master)")
+    _device_flag(p, "train on: auto = the GPUs when PyTorch sees one (a worker per GPU, NCCL), else the CPU; cpu "
+                    "also on a GPU machine (gloo workers)")
 
     p = sub.add_parser("infer", help="run inference (and COCO evaluation)", formatter_class=fmt)
     p.add_argument("model", help="model: .pth (PyTorch), .onnx (ONNX Runtime) or .plan (TensorRT)")
@@ -94,6 +96,10 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--with-dali", action="store_true", help="load data with NVIDIA DALI")
     p.add_argument("--full-precision", action="store_true", help="no fp16 on GPU")
     p.add_argument("--loader-workers", type=int, default=2, help="data loader processes")
+    _device_flag(p, "run a .pth model on: auto = CUDA when PyTorch sees a GPU, else the CPU (.onnx runs in ONNX "
+                    "Runtime, .plan on the GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (.pth): slower start, faster batches; pays on long runs")
 
     p = sub.add_parser("export", help="export to ONNX or a TensorRT engine", formatter_class=fmt)
     p.add_argument("model", help="model checkpoint (.pth)")
@@ -114,6 +120,7 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
                         "of the end-to-end graph with decode and NMS (scores, boxes, classes) that ONNX Runtime runs")
     p.add_argument("--dynamic-batch-opts", type=int, nargs=3, default=None, metavar=("MIN", "OPT", "MAX"),
                    help="TensorRT dynamic batch profile")
+    _device_flag(p, "a .plan is built on the GPU (cpu: refused); ONNX is traced and calibrated on the CPU either way")
 
     p = sub.add_parser("convert", help="Pascal VOC XML or YOLO labels -> COCO JSON", formatter_class=fmt)
     p.add_argument("source", help="VOC root (with Annotations/) or folder of XML, or YOLO labels folder")
@@ -137,6 +144,10 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(args)
 
 
+def _device_flag(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--device", choices=DEVICES, default="auto", help=text)
+
+
 def run(args: argparse.Namespace) -> None:
     if args.command == "train":
         from .data import Augment
@@ -155,14 +166,15 @@ def run(args: argparse.Namespace) -> None:
             anchor_ious=tuple(args.anchor_ious), anchor_scales=args.anchor_scales,
             backbone_weights=args.backbone_weights, clip_grad=args.clip_grad, loader_workers=args.loader_workers,
             seed=args.seed, ema=args.ema, workers=args.workers, nodes=args.nodes, node_rank=args.node_rank,
-            master=args.master, with_dali=args.with_dali, verbose=args.verbose)
+            master=args.master, with_dali=args.with_dali, device=args.device, verbose=args.verbose)
         train(cfg)
     elif args.command == "infer":
         from .infer import InferConfig, infer
         results = infer(InferConfig(model=args.model, images=args.images, annotations=args.annotations,
                                     output=args.output, batch=args.batch, resize=args.resize, max_size=args.max_size,
                                     full_precision=args.full_precision, loader_workers=args.loader_workers,
-                                    with_dali=args.with_dali, verbose=args.verbose))
+                                    with_dali=args.with_dali, device=args.device, compile=args.compile,
+                                    verbose=args.verbose))
         if results and results.get("table"):   # the library returns the evaluation report; showing it is the CLI's job
             print(results["table"])
     elif args.command == "export":
@@ -171,7 +183,7 @@ def run(args: argparse.Namespace) -> None:
                             raw_heads=args.raw_heads, opset=args.opset, full_precision=args.full_precision,
                             int8=args.int8, calibration_images=args.calibration_images,
                             calibration_batches=args.calibration_batches, calibration_table=args.calibration_table,
-                            dynamic_batch_opts=args.dynamic_batch_opts, verbose=args.verbose))
+                            dynamic_batch_opts=args.dynamic_batch_opts, device=args.device, verbose=args.verbose))
     elif args.command == "convert":
         from .convert import convert_voc, convert_yolo, write_coco
         if args.format == "voc":
@@ -189,8 +201,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     """The CLI: process set-up (logging, threads; a torchrun worker's rank and device), then the command; the
     only place where exceptions become exit codes (2: user error, 130: stopped by a signal)."""
     args = parse(argv)
-    worker_setup((torchrun_context() if args.command == "train" else None) or Context(), args.verbose)
-    try:
+    device = getattr(args, "device", "auto")
+    try:   # worker_setup first sets up logging, then may refuse the device (more local ranks than GPUs)
+        worker_setup((torchrun_context(device) if args.command == "train" else None) or Context(device_type=device),
+                     args.verbose)
         run(args)
     except (OdtkError, OSError) as e:   # OSError: a file that failed after the up-front checks (disk full, ...)
         log.error(f"odtk {args.command}: error: {e}")

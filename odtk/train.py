@@ -20,7 +20,7 @@ from .backbones import BACKBONES, find_weights, load_imagenet
 from .checks import at_least, check_writable, non_negative, ordered_range, positive
 from .data import Augment, CocoDataset, loader_factory
 from .distributed import (MASTER, Context, Ranks, StopRequest, TrainingStopped, check_nodes, launch, local_workers,
-                          torchrun_context)
+                          resolve_device, torchrun_context)
 from .model import Model, ModelConfig
 from .utils import OdtkError, log
 
@@ -71,6 +71,7 @@ class TrainConfig:
     nodes: int = 1
     node_rank: int = 0
     master: str = MASTER
+    device: str = "auto"             # auto: the GPUs when PyTorch sees one, else the CPU
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -102,6 +103,7 @@ class TrainConfig:
         for m in self.milestones:
             at_least("--milestones", m, 1)
         check_nodes(self.nodes, self.node_rank)
+        resolve_device(self.device)
 
 
 def lr_factor(iteration: int, *, warmup: int, milestones, gamma: float) -> float:
@@ -274,12 +276,12 @@ def train(cfg: TrainConfig) -> Optional[Dict[str, float]]:
     for path in (cfg.annotations, cfg.val_annotations):   # before any worker starts: one message, not N
         if path and not os.path.isfile(path):
             raise OdtkError(f"{path}: annotations file not found")
-    ctx = torchrun_context()
-    world = ctx.world_size if ctx else local_workers(cfg.workers) * cfg.nodes
+    ctx = torchrun_context(cfg.device)
+    world = ctx.world_size if ctx else local_workers(cfg.workers, cfg.device) * cfg.nodes
     if cfg.batch is not None and cfg.batch % world:
         raise OdtkError(f"--batch {cfg.batch} does not split evenly over {world} workers")
     return launch(functools.partial(worker, cfg), workers=cfg.workers, nodes=cfg.nodes,
-                  node_rank=cfg.node_rank, master=cfg.master, verbose=cfg.verbose)
+                  node_rank=cfg.node_rank, master=cfg.master, verbose=cfg.verbose, device=cfg.device)
 
 
 def worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]:
@@ -313,9 +315,13 @@ class TrainState:
 def new_state(cfg: TrainConfig, model: Model, saved: dict, device: torch.device) -> TrainState:
     """Optimizer, lr schedule, loss scaler and EMA for `model`, restored from a checkpoint's `saved` state (with
     the random generators, so a resumed run draws what the whole run would have)."""
+    cuda = device.type == "cuda"
     model = model.to(device).train()
+    if cuda:   # NHWC: cuDNN's tensor-core convolutions without layout changes (about 1.4x a step on an H100)
+        model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.regularization_l2)
+    # fused: one kernel updates every parameter (GradScaler's unscale and inf check included)
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.regularization_l2, fused=cuda)
     milestones = [int(m * cfg.schedule) for m in cfg.milestones]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: lr_factor(i, warmup=cfg.warmup, milestones=milestones, gamma=cfg.gamma))
@@ -324,6 +330,8 @@ def new_state(cfg: TrainConfig, model: Model, saved: dict, device: torch.device)
     if "optimizer" in saved:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        for group in optimizer.param_groups:   # the saved groups carry the saving machine's kernel choice
+            group.update(fused=cuda, foreach=None)
     if state.amp and saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
     if saved.get("rng"):
@@ -406,7 +414,8 @@ class Trainer:
         cfg, ctx, model = self.cfg, self.ctx, self.state.model
         loader = loader_factory(cfg.with_dali)(self.dataset, batch_size=self.batch // ctx.world_size, training=True,
                                                workers=cfg.loader_workers, size_divisible=model.config.size_divisible,
-                                               rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed)
+                                               rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed,
+                                               device=ctx.device)
         metrics = Metrics(cfg.logdir, cfg.post_metrics) if ctx.rank == 0 else Metrics(None, None)
         log.debug(f"model config: {model.config}")
         log.debug(f"train config: {cfg}")
@@ -452,6 +461,8 @@ class Trainer:
         update: no weights are spoiled."""
         s, device = self.state, self.ctx.device
         images, boxes, labels, _, _ = (t.to(device, non_blocking=True) for t in batch)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.float16, enabled=s.amp):
             heads = self.net(images)
         losses = s.model.loss(([h.float() for h in heads[0]], [h.float() for h in heads[1]]), boxes, labels,
@@ -565,5 +576,5 @@ def validate(model: Model, cfg: TrainConfig, ctx: Context = Context(), *, batch:
     out = os.path.splitext(cfg.model)[0] + "-val-detections.json"
     icfg = InferConfig(model=cfg.model, images=cfg.val_images or cfg.images, annotations=cfg.val_annotations,
                        output=out, batch=batch, resize=cfg.resize, max_size=cfg.max_size,
-                       loader_workers=cfg.loader_workers, with_dali=cfg.with_dali)
+                       loader_workers=cfg.loader_workers, with_dali=cfg.with_dali, full_precision=cfg.full_precision)
     return run_model(model.eval(), icfg, ctx)

@@ -245,3 +245,40 @@ def test_13_int8_needs_calibration_images(model, tmp_path, caplog, capsys, monke
     out.write_bytes(b"an earlier export")
     refused(["export", model, str(out), "--int8"], "--int8 needs --calibration-images FOLDER", caplog, capsys,
             keep=(str(out),))
+
+
+# GPU count and --device (issue "GPU"): refused in one line before any process group or worker starts ---------------
+@pytest.fixture
+def one_gpu(monkeypatch):
+    """PyTorch reports one CUDA GPU (nothing touches it: each refusal comes before any CUDA call)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+def test_more_workers_than_gpus(data, model, caplog, capsys, one_gpu):
+    refused(train_argv(model, data, "--override", "--workers", "2", "--device", "cuda"),
+            "--workers 2: only 1 GPU(s) visible, one worker per GPU; use --workers 1, or --device cpu", caplog, capsys,
+            keep=(model,))
+
+
+def test_more_torchrun_ranks_than_gpus(data, model, caplog, capsys, one_gpu, monkeypatch):
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(logging.getLogger("odtk"), "setLevel", lambda level: None)   # rank 1 logs errors only anyway
+    refused(train_argv(model, data, "--override"), "2 worker processes on this node but only 1 GPU(s) visible",
+            caplog, capsys, keep=(model,))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a CUDA GPU")
+@pytest.mark.parametrize("command", ["train", "infer", "export"])
+def test_device_cuda_without_a_gpu(command, data, model, tmp_path, caplog, capsys):
+    argv = {"train": train_argv(model, data, "--override"),
+            "infer": ["infer", model, "--images", data[0], "--output", str(tmp_path / "d.json")],
+            "export": ["export", model, str(tmp_path / "m.onnx")]}[command]
+    refused(argv + ["--device", "cuda"], "--device cuda: PyTorch sees no CUDA GPU", caplog, capsys, keep=(model,))
+
+
+def test_plan_on_the_cpu_is_refused(model, tmp_path, caplog, capsys):
+    refused(["export", model, str(tmp_path / "m.plan"), "--device", "cpu"],
+            "--device cpu: TensorRT engines are built and run on a GPU; export .onnx for the CPU", caplog, capsys)
+    assert not (tmp_path / "m.plan").exists()

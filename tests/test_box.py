@@ -137,3 +137,47 @@ def test_nms_matches_torchvision():
         assert torch.allclose(bx[i, :k], boxes[m][keep])
         assert torch.equal(c[i, :k], classes[m][keep])
         assert (s[i, k:] == 0).all()
+
+
+def _reference_order(row, k):
+    """The k best of a row in odtk's order, by plain Python: score descending, then index ascending."""
+    return sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 8, 12])
+def test_top_k_breaks_ties_by_lower_index(k):
+    # row 0: ties straddle every cut; row 1: no ties; row 2: all equal
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.2, 0.9, 0.5, 0.5, 0.1, 0.9, 0.5, 0.2, 0.5],
+                           [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.05, 0.15, 0.25],
+                           [0.3] * 12])
+    values, index = B.top_k(scores, k)
+    for row, v, i in zip(scores.tolist(), values, index):
+        expected = _reference_order(row, k)
+        assert i.tolist() == expected
+        assert v.tolist() == [row[j] for j in expected]
+
+
+def test_top_k_random_fp16_ties_match_a_stable_sort():
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.randn(3, 5000, generator=g) * 0.5).sigmoid().half().float()   # fp16: thousands of ties
+    assert scores[0].unique().numel() < 2000
+    values, index = B.top_k(scores, 1000)
+    ref_values, ref_index = scores.sort(dim=1, descending=True, stable=True)
+    assert torch.equal(index, ref_index[:, :1000]) and torch.equal(values, ref_values[:, :1000])
+
+
+def test_decode_and_nms_order_ties_by_anchor_index():
+    """Equal scores everywhere: decode keeps the lowest flat (y, x, a, c) indices, and NMS keeps the first of two
+    equal-score boxes of one class that overlap (odtk._C's kernels do the same; torchvision alone would not say)."""
+    anchors = [B.grid_anchors(B.generate_anchors(8, [1.0], [1.0, 1.5]), 8, 2, 3)]    # 2 anchors per cell
+    cls = torch.zeros(1, 2 * 2, 2, 3)                   # every logit 0: every score 0.5
+    box = torch.zeros(1, 2 * 4, 2, 3)
+    b, s, boxes, c = B.decode([cls], [box], anchors, threshold=0.05, top_n=5)
+    flat = [0, 1, 2, 3, 4]                              # (y, x, a, c) with 2 classes: anchor = flat // 2
+    assert c.tolist() == [f % 2 for f in flat] and torch.equal(boxes, anchors[0][[f // 2 for f in flat]])
+    assert (s == 0.5).all()
+    scores, kept, classes = B.nms(b, s, boxes, c, 1, iou_threshold=0.3, detections=10)
+    # anchor 0 (8x8) and anchor 1 (12x12, same centre) overlap with IoU 4/9 > 0.3: the second of each class goes
+    n = int((scores > 0).sum())
+    assert n == 3 and classes[0, :n].tolist() == [0, 1, 0]
+    assert torch.equal(kept[0, :n], anchors[0][[0, 0, 2]])

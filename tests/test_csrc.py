@@ -248,3 +248,50 @@ def test_cuda_detect_equals_model_detect_on_model_outputs(backbone, size):
         assert n > 0
         _assert_same([t[b] for t in gpu], (cpu[0][b][:n], cpu[1][b][:n], cpu[2][b][:n]), f"{backbone} image {b}")
         assert abs(int((on_gpu[0][b] > 0).sum()) - n) <= 1
+
+
+@needs_kernels
+@pytest.mark.parametrize("top_n", [7, 50, 1000])
+def test_cuda_decode_and_nms_order_ties_like_box(top_n):
+    """Scores with many exact ties (fp16 probabilities, and a block of equal ones): decode keeps the same candidates
+    in the same order as odtk.box (score descending, then flat anchor index), and NMS keeps the same boxes."""
+    cell = box_ops.generate_anchors(8, [1.0, 2.0], [4, 6])
+    logits, deltas = _random_heads(2, 4, 5, 9, 11, seed=4)
+    logits[:, :, 2:6, 3:8] = 0.0                       # probability 0.5 over a block of anchors and classes
+    logits = logits.half().float()                      # fp16 logits, as AMP makes them: more ties elsewhere
+    probs = logits.sigmoid()                            # on the CPU, as box.decode computes them
+    anchors = box_ops.grid_anchors(cell, 8, 9, 11)
+    cpu = box_ops.decode([logits], [deltas], [anchors], threshold=0.05, top_n=top_n)
+    gpu = _C.decode(probs.cuda(), deltas.cuda(), cell.cuda(), 8.0, 0.05, top_n, 0, 0)
+    for b in range(2):
+        keep = cpu[0] == b
+        n = int(keep.sum())
+        assert n == int((gpu[0][b] > 0).sum()) and n > 0
+        assert torch.equal(gpu[2][b][:n].long().cpu(), cpu[3][keep]), f"image {b}: classes in another order"
+        torch.testing.assert_close(gpu[1][b][:n].cpu(), cpu[2][keep], rtol=1e-5, atol=1e-3)
+    valid = gpu[0] > 0
+    batch_idx = torch.arange(2, device="cuda")[:, None].expand_as(valid)[valid]
+    torch_nms = box_ops.nms(batch_idx.cpu(), gpu[0][valid].cpu(), gpu[1][valid].cpu(), gpu[2][valid].long().cpu(),
+                            2, iou_threshold=0.5, detections=100)
+    kernel_nms = _C.nms(*gpu, 0.5, 100)
+    assert torch.equal(kernel_nms[0].cpu(), torch_nms[0]) and torch.equal(kernel_nms[2].long().cpu(), torch_nms[2])
+    torch.testing.assert_close(kernel_nms[1].cpu(), torch_nms[1])
+
+
+@needs_kernels
+def test_model_detect_runs_the_kernels_on_cuda_heads(monkeypatch):
+    torch.manual_seed(0)
+    model = Model(config=ModelConfig(backbones=["MobileNetV2FPN"], num_classes=5)).eval().cuda()
+    torch.nn.init.constant_(model.cls_head[-1].bias, -2.0)
+    with torch.inference_mode():
+        heads = model(torch.randn(2, 3, 192, 256, device="cuda"))
+        reference = model.detect(heads, (192, 256), kernels=False, threshold=0.1, detections=50)
+        calls = []
+        real = extension.decode
+        monkeypatch.setattr(extension, "decode", lambda *a, **k: calls.append(k) or real(*a, **k))
+        found = model.detect(heads, (192, 256), threshold=0.1, detections=50)
+    assert calls and calls[0]["threshold"] == 0.1 and found[0].shape == (2, 50)
+    for b in range(2):
+        n = int((reference[0][b] > 0).sum())
+        assert n > 0
+        _assert_same([t[b] for t in found], [t[b][:n].cpu() for t in reference], f"image {b}")

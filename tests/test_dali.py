@@ -22,8 +22,27 @@ def dali():
 
 
 def _loader(dataset, **kwargs):
+    """A DALI loader on its default device (a GPU when there is one), its batches brought to the CPU to be compared
+    with the PyTorch loader's."""
     from odtk.dali import make_dali_loader
-    return make_dali_loader(dataset, **{"batch_size": 1, "training": False, "workers": 1, **kwargs})
+    return OnCpu(make_dali_loader(dataset, **{"batch_size": 1, "training": False, "workers": 1, **kwargs}))
+
+
+class OnCpu:
+    """A loader whose batches are copied to the CPU; everything else is the loader's."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield tuple(t.cpu() for t in batch)
 
 
 def _by_id(loader):
@@ -143,11 +162,24 @@ def test_pytorch_loader_follows_the_loader_protocol(synthetic):
 
 def test_dali_loader_follows_the_loader_protocol(dali, synthetic):
     images, train, _ = synthetic
-    loader = _loader(CocoDataset(images, train, resize=64, max_size=64), batch_size=4, training=True)
+    loader = _loader(CocoDataset(images, train, resize=64, max_size=64), batch_size=4, training=True).loader
     assert isinstance(loader, Loader) and loader.batches == 6
     loader.start(0)
-    assert len(list(loader)) == loader.batches
+    batches = list(loader)
+    assert len(batches) == loader.batches
     assert loader.sampler is loader                               # the old loader.sampler.start still works
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"   # the default device: the current GPU, else CPU
+    assert loader.device == expected and all(str(t.device) == expected for t in batches[0][:3])
+
+
+def test_dali_runs_where_it_is_told(dali, synthetic):
+    """device=cpu keeps the pipeline on the CPU on any machine; a worker's GPU is its own, by local rank."""
+    from odtk.dali import _gpu_index, make_dali_loader
+    images, train, _ = synthetic
+    loader = make_dali_loader(CocoDataset(images, train, resize=64, max_size=64), batch_size=4, training=False,
+                              workers=1, device=torch.device("cpu"))
+    assert loader.device == "cpu" and all(t.device.type == "cpu" for t in next(iter(loader)))
+    assert _gpu_index(torch.device("cpu")) is None and _gpu_index(torch.device("cuda", 3)) == 3
 
 
 def test_training_flips_boxes_with_the_image(dali, synthetic):
@@ -285,6 +317,7 @@ def test_cli_train_and_infer_with_dali(dali, trained, tmp_path, caplog):
         args += ["--backbone-weights", weights]
     assert main(args) == 0
     assert Model.load(out)[1]["iteration"] == 4
-    assert "DALI training loader on cpu" in caplog.text and "DALI inference loader on cpu" in caplog.text
+    where = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert f"DALI training loader on {where}" in caplog.text and f"DALI inference loader on {where}" in caplog.text
     assert main(["infer", out, "--images", images, "--output", str(tmp_path / "c.json"), "--resize", "128",
                  "--max-size", "128", "--with-dali"]) == 0

@@ -182,3 +182,22 @@ def test_odtk_infer_clips_each_image_to_its_own_size(trained, tmp_path):
         x, y, w, h = r["bbox"]
         width, height = sizes[r["image_id"]]
         assert x >= 0 and y >= 0 and x + w <= width + 0.01 and y + h <= height + 0.01
+
+
+def test_compile_and_device_reach_the_network(trained, monkeypatch, tmp_path):
+    """`odtk infer --compile --device cpu` (Detector.load(compile=True, device=...)): the network goes through
+    torch.compile (recorded here: a real compile takes minutes on 2 cores; bench_gpu.py times it on a GPU) and
+    the detections are the uncompiled ones."""
+    from odtk.infer import InferConfig, infer
+    model, images, _, _, _ = trained
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
+    path = os.path.join(images, sorted(os.listdir(images))[0])
+    plain = Detector.load(model, device="cpu")(path)
+    fast = Detector.load(model, device="cpu", compile=True)
+    assert compiled == [fast.backend.model] and fast.backend.device.type == "cpu"
+    found = fast(path)
+    assert torch.equal(found.boxes, plain.boxes) and torch.equal(found.scores, plain.scores)
+    infer(InferConfig(model=model, images=images, output=str(tmp_path / "d.json"), compile=True, device="cpu",
+                      resize=128, max_size=128, loader_workers=0))
+    assert len(compiled) == 2

@@ -46,7 +46,7 @@ def config(synthetic, tmp_path):
                        backbone=["MobileNetV2FPN"], batch=4, resize=128, max_size=128, jitter=(128, 128),
                        iters=3, milestones=(100,), warmup=2, lr=0.01, clip_grad=10.0, anchor_scales=[2, 2.52, 3.17],
                        backbone_weights=weights, loader_workers=0, val_iters=1000, augment=Augment(flip=True),
-                       master=f"127.0.0.1:{free_port()}")
+                       master=f"127.0.0.1:{free_port()}", device="cpu")   # gloo workers, also on a GPU machine
 
 
 def test_two_gloo_workers_equal_one_process(config, tmp_path, synthetic):
@@ -202,7 +202,7 @@ def test_ranks_agree_to_skip_a_batch_without_readable_images(config, tmp_path):
     cmd = [sys.executable, "-m", "odtk", "--master", config.master, "train", model, "--annotations", str(annotations),
            "--images", str(images), "--backbone", "MobileNetV2FPN", "--backbone-weights", config.backbone_weights,
            "--batch", "2", "--resize", "128", "--max-size", "128", "--jitter", "128", "128", "--iters", "3",
-           "--loader-workers", "0", "--workers", "2"]
+           "--loader-workers", "0", "--workers", "2", "--device", "cpu"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert Model.load(model)[1]["iteration"] == 3 and "Traceback" not in out.stderr
@@ -294,7 +294,7 @@ def test_signal_saves_a_checkpoint_that_resumes(config, tmp_path, workers, sig):
            "--annotations", config.annotations, "--images", config.images, "--backbone", "MobileNetV2FPN",
            "--backbone-weights", config.backbone_weights, "--batch", "4", "--resize", "128", "--max-size", "128",
            "--jitter", "128", "128", "--iters", "500", "--val-iters", "2", "--loader-workers", "1",
-           "--anchor-scales", *map(str, config.anchor_scales), "--workers", str(workers)]
+           "--anchor-scales", *map(str, config.anchor_scales), "--workers", str(workers), "--device", "cpu"]
     # a new session: the signal goes to the launcher and its workers, as Ctrl-C in a terminal does
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -322,7 +322,8 @@ def test_two_nodes_on_one_machine(config, tmp_path):
     base = [sys.executable, "-m", "odtk", "--master", config.master, "train", config.model,
             "--annotations", config.annotations, "--images", config.images, "--backbone", "MobileNetV2FPN",
             "--backbone-weights", config.backbone_weights, "--batch", "4", "--resize", "128", "--max-size", "128",
-            "--jitter", "128", "128", "--iters", "2", "--loader-workers", "0", "--workers", "1", "--nodes", "2"]
+            "--jitter", "128", "128", "--iters", "2", "--loader-workers", "0", "--workers", "1", "--nodes", "2",
+            "--device", "cpu"]   # two nodes on one machine would share its GPU
     procs = [subprocess.Popen(base + ["--node-rank", str(r)], stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     try:
         errs = [p.communicate(timeout=300)[1] for p in procs]
@@ -347,6 +348,7 @@ def test_torchrun_environment_is_used(config, monkeypatch):
 
 @needs_cuda
 def test_cuda_mixed_precision_saves_the_scaler(config):
+    config = replace(config, device="cuda")
     result = train(replace(config, iters=3))
     _, state = Model.load(config.model)
     assert state["scaler"]["scale"] > 0 and len(result["losses"]) == 3
@@ -356,8 +358,8 @@ def test_cuda_mixed_precision_saves_the_scaler(config):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL DDP: needs 2 GPUs")
 def test_two_nccl_workers_equal_one_gpu(config, tmp_path):
-    one = replace(config, model=str(tmp_path / "one.pth"), workers=1, full_precision=True)
-    two = replace(config, model=str(tmp_path / "two.pth"), workers=2, full_precision=True)
+    one = replace(config, model=str(tmp_path / "one.pth"), workers=1, full_precision=True, device="cuda")
+    two = replace(config, model=str(tmp_path / "two.pth"), workers=2, full_precision=True, device="cuda")
     train(one)
     train(two)
     pa, pb = Model.load(one.model)[0].state_dict(), Model.load(two.model)[0].state_dict()

@@ -1,6 +1,8 @@
 // Per-level decode: score threshold, top-n by score, anchor deltas -> boxes (odtk.box.decode on the GPU).
+// Candidates are ordered as odtk.box.top_k orders them: score descending, then flat anchor index ascending.
 #include <algorithm>
 #include <stdexcept>
+#include <vector>
 
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_select.cuh>
@@ -19,16 +21,23 @@ struct AboveThreshold {
   __device__ bool operator()(int i) const { return scores[i] > threshold; }
 };
 
-__global__ void gather_scores(const float* scores, const int* indices, const int* count, float* out) {
+// The sort key of a candidate: its score's bits above the bitwise complement of its flat anchor index. Scores are
+// positive, so their bits order like the floats; one descending sort then gives odtk's order (odtk.box.top_k):
+// score descending, then flat index ((y * W + x) * A + a) * C + c ascending. The key alone holds both.
+__global__ void make_keys(const float* scores, const int* indices, const int* count, int pixels, int per_pixel,
+                          unsigned long long* keys) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < *count) out[i] = scores[indices[i]];
+  if (i >= *count) return;
+  int idx = indices[i];               // memory index in [A*C, H, W]: channel * pixels + pixel
+  unsigned flat = static_cast<unsigned>((idx % pixels) * per_pixel + idx / pixels);
+  keys[i] = (static_cast<unsigned long long>(__float_as_uint(scores[idx])) << 32) | (~flat & 0xffffffffull);
 }
 
 // Box arithmetic in the same order and rounding as odtk.box.grid_anchors + delta2box (no FMA contraction),
 // so the GPU boxes equal PyTorch's up to expf's last bits.
-__global__ void decode_boxes(const float* sorted_scores, const int* sorted_indices, int kept, const float* deltas,
-                             const float* cell_anchors, int num_classes, int height, int width, float stride,
-                             int image_h, int image_w, int top_n, float* out_scores, float* out_boxes,
+__global__ void decode_boxes(const unsigned long long* sorted_keys, int kept, const float* deltas,
+                             const float* cell_anchors, int num_anchors, int num_classes, int height, int width,
+                             float stride, int image_h, int image_w, int top_n, float* out_scores, float* out_boxes,
                              float* out_classes) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= top_n) return;
@@ -39,9 +48,10 @@ __global__ void decode_boxes(const float* sorted_scores, const int* sorted_indic
     *box_out = make_float4(0.f, 0.f, 0.f, 0.f);
     return;
   }
-  int pixels = height * width;
-  int idx = sorted_indices[i];        // memory index in [A*C, H, W]
-  int channel = idx / pixels, pixel = idx % pixels;
+  unsigned long long key = sorted_keys[i];
+  int flat = static_cast<int>(~static_cast<unsigned>(key & 0xffffffffull));
+  int per_pixel = num_anchors * num_classes, pixels = height * width;
+  int pixel = flat / per_pixel, channel = flat % per_pixel;
   int a = channel / num_classes, c = channel % num_classes;
   float sx = __fmul_rn(static_cast<float>(pixel % width), stride);
   float sy = __fmul_rn(static_cast<float>(pixel / width), stride);
@@ -64,7 +74,7 @@ __global__ void decode_boxes(const float* sorted_scores, const int* sorted_indic
     x2 = fminf(fmaxf(x2, 0.f), fw);
     y2 = fminf(fmaxf(y2, 0.f), fh);
   }
-  out_scores[i] = sorted_scores[i];
+  out_scores[i] = __uint_as_float(static_cast<unsigned>(key >> 32));
   out_classes[i] = static_cast<float>(c);
   *box_out = make_float4(x1, y1, x2, y2);
 }
@@ -76,43 +86,45 @@ size_t decode(int batch, const float* scores, const float* boxes, const float* c
               int image_w, float* out_scores, float* out_boxes, float* out_classes, void* workspace,
               size_t workspace_size, cudaStream_t stream) {
   const int n = num_anchors * num_classes * height * width;
+  const size_t per_image = static_cast<size_t>(n);
   Workspace ws(workspace);
-  int* indices = ws.take<int>(n);
-  int* sorted_indices = ws.take<int>(n);
-  float* keys = ws.take<float>(n);
-  float* sorted_keys = ws.take<float>(n);
-  int* count = ws.take<int>(1);
+  int* indices = ws.take<int>(per_image * batch);   // each image's candidates: all are selected before one sync
+  int* counts = ws.take<int>(batch);
+  unsigned long long* keys = ws.take<unsigned long long>(per_image);   // sorted image after image: reused
+  unsigned long long* sorted_keys = ws.take<unsigned long long>(per_image);
   // CUB's temporary storage for the largest problem (all n candidates) serves every smaller one
   thrust::counting_iterator<int> iota(0);
   size_t select_bytes = 0, sort_bytes = 0;
-  check(cub::DeviceSelect::If(nullptr, select_bytes, iota, indices, count, n, AboveThreshold{scores, threshold},
+  check(cub::DeviceSelect::If(nullptr, select_bytes, iota, indices, counts, n, AboveThreshold{scores, threshold},
                               stream), "odtk decode: select size");
-  check(cub::DeviceRadixSort::SortPairsDescending(nullptr, sort_bytes, keys, sorted_keys, indices, sorted_indices,
-                                                  n, 0, 32, stream), "odtk decode: sort size");
+  check(cub::DeviceRadixSort::SortKeysDescending(nullptr, sort_bytes, keys, sorted_keys, n, 0, 64, stream),
+        "odtk decode: sort size");
   void* select_tmp = ws.bytes(select_bytes);
   void* sort_tmp = ws.bytes(sort_bytes);
   if (ws.sizing()) return ws.used();
   if (workspace_size < ws.used()) throw std::invalid_argument("odtk decode: workspace too small");
 
   const int threads = 256;
-  const size_t per_image = static_cast<size_t>(n);
   for (int b = 0; b < batch; ++b) {
-    const float* image_scores = scores + b * per_image;
-    check(cub::DeviceSelect::If(select_tmp, select_bytes, iota, indices, count, n,
-                                AboveThreshold{image_scores, threshold}, stream), "odtk decode: select");
-    int kept = 0;
-    check(cudaMemcpyAsync(&kept, count, sizeof(int), cudaMemcpyDeviceToHost, stream),
-          "odtk decode: count copy");
-    check(cudaStreamSynchronize(stream), "odtk decode: count sync");
-    if (kept > 0) {
-      gather_scores<<<(kept + threads - 1) / threads, threads, 0, stream>>>(image_scores, indices, count, keys);
-      check(cub::DeviceRadixSort::SortPairsDescending(sort_tmp, sort_bytes, keys, sorted_keys, indices,
-                                                      sorted_indices, kept, 0, 32, stream),
-            "odtk decode: sort");
+    check(cub::DeviceSelect::If(select_tmp, select_bytes, iota, indices + b * per_image, counts + b, n,
+                                AboveThreshold{scores + b * per_image, threshold}, stream), "odtk decode: select");
+  }
+  // the sorts need each image's candidate count on the host: one copy and one synchronisation for the batch
+  std::vector<int> kept(batch);
+  check(cudaMemcpyAsync(kept.data(), counts, batch * sizeof(int), cudaMemcpyDeviceToHost, stream),
+        "odtk decode: count copy");
+  check(cudaStreamSynchronize(stream), "odtk decode: count sync");
+  for (int b = 0; b < batch; ++b) {
+    if (kept[b] > 0) {
+      make_keys<<<(kept[b] + threads - 1) / threads, threads, 0, stream>>>(
+          scores + b * per_image, indices + b * per_image, counts + b, height * width, num_anchors * num_classes,
+          keys);
+      check(cub::DeviceRadixSort::SortKeysDescending(sort_tmp, sort_bytes, keys, sorted_keys, kept[b], 0, 64,
+                                                     stream), "odtk decode: sort");
     }
     decode_boxes<<<(top_n + threads - 1) / threads, threads, 0, stream>>>(
-        sorted_keys, sorted_indices, std::min(kept, top_n), boxes + b * static_cast<size_t>(num_anchors) * 4 *
-        height * width, cell_anchors, num_classes, height, width, stride, image_h, image_w, top_n,
+        sorted_keys, std::min(kept[b], top_n), boxes + b * static_cast<size_t>(num_anchors) * 4 * height * width,
+        cell_anchors, num_anchors, num_classes, height, width, stride, image_h, image_w, top_n,
         out_scores + b * top_n, out_boxes + b * top_n * 4, out_classes + b * top_n);
     check(cudaGetLastError(), "odtk decode: decode kernel");
   }

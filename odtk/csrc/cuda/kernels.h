@@ -21,17 +21,21 @@ constexpr float kBoxXformClip = 4.135166556742356f;
 //   scores  [batch, A*C, height, width]  sigmoid probabilities, channel = anchor * C + class
 //   boxes   [batch, A*4, height, width]  deltas (dx, dy, dw, dh), channel = anchor * 4 + k
 //   cell_anchors [A, 4]  anchors of the cell at (0, 0); cell (y, x) adds (x, y, x, y) * stride
-// Outputs, sorted by decreasing score and zero padded: out_scores [batch, top_n], out_boxes [batch, top_n, 4],
-// out_classes [batch, top_n] (class index as float). The kept count per image is read back on the host
-// (one stream synchronisation per image) so the sort only touches the candidates.
+// Outputs, sorted by decreasing score, equal scores by increasing flat anchor index ((y * W + x) * A + a) * C + c
+// (odtk.box.top_k's order), zero padded: out_scores [batch, top_n], out_boxes [batch, top_n, 4], out_classes
+// [batch, top_n] (class index as float). The candidate counts of the whole batch are read back on the host with
+// one stream synchronisation, so the sorts only touch the candidates. threshold >= 0 (the sort keys take the
+// scores' bits as unsigned integers). The workspace grows with the batch (the candidates' indices, 4 bytes per
+// score).
 size_t decode(int batch, const float* scores, const float* boxes, const float* cell_anchors, int num_anchors,
               int num_classes, int height, int width, float stride, float threshold, int top_n, int image_h,
               int image_w, float* out_scores, float* out_boxes, float* out_classes, void* workspace,
               size_t workspace_size, cudaStream_t stream);
 
 // Class-aware NMS per image over `count` candidates (all levels concatenated; score <= 0 is padding):
-// sorted by decreasing score, a box is dropped when its IoU with a kept box of the same class is above
-// iou_threshold (torchvision.ops.nms's rule); the first `detections` kept boxes are written, zero padded.
+// visited by decreasing score, equal scores in input order (decode's: level, then anchor order; a stable sort), a
+// box is dropped when its IoU with a kept box of the same class is above iou_threshold (torchvision.ops.nms's
+// rule); the first `detections` kept boxes are written, zero padded.
 //   scores [batch, count], boxes [batch, count, 4], classes [batch, count]
 //   out_scores [batch, detections], out_boxes [batch, detections, 4], out_classes [batch, detections]
 size_t nms(int batch, const float* scores, const float* boxes, const float* classes, int count,

@@ -56,12 +56,12 @@ std::vector<PluginField> DecodePlugin::fields() {
           PluginField("image_size", image_size_, PluginFieldType::kINT32, 2)};
 }
 
-// The cell anchors, then the kernel's workspace. It is reused image after image: it does not grow with the batch.
+// The cell anchors, then the kernel's workspace for a batch of input.d[0] (TensorRT asks with the largest).
 size_t DecodePlugin::workspace_size(nvinfer1::Dims const& input) const {
   const int32_t num_anchors = static_cast<int32_t>(anchors_.size() / 4);
   cuda::Workspace ws(nullptr);
   ws.take<float>(anchors_.size());
-  return ws.used() + cuda::decode(1, nullptr, nullptr, nullptr, num_anchors, static_cast<int>(input.d[1]) / num_anchors,
+  return ws.used() + cuda::decode(static_cast<int>(input.d[0]), nullptr, nullptr, nullptr, num_anchors, static_cast<int>(input.d[1]) / num_anchors,
                                   static_cast<int>(input.d[2]), static_cast<int>(input.d[3]), stride_,
                                   score_threshold_, top_n_, image_size_[0], image_size_[1], nullptr, nullptr, nullptr,
                                   nullptr, 0, nullptr);
