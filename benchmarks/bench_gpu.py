@@ -242,7 +242,9 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile row")
     parser.add_argument("--e2e-iters", type=int, default=40, help="timed iterations of the end-to-end rows")
-    parser.add_argument("--images", type=int, default=96, help="synthetic 1024x1024 images for the end-to-end rows")
+    parser.add_argument("--images", type=int, default=320,
+                        help="synthetic 1024x1024 images for the end-to-end rows (20 batches of 16 per epoch: an "
+                             "epoch of a few batches measures the PyTorch loader's restart, not its rate)")
     parser.add_argument("--loader-workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "infer", "decode", "e2e"])
     parser.add_argument("--smoke", action="store_true", help="run every row tiny on the CPU (checks the script)")

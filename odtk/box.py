@@ -114,20 +114,22 @@ def anchor_major(head: Tensor, num_anchors: int) -> Tensor:
     return head.reshape(-1, num_anchors, k, h, w).permute(0, 3, 4, 1, 2).reshape(-1, h * w * num_anchors, k)
 
 
-def top_k(scores: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+def top_k(scores: Tensor, k: int, *, floor: float = -math.inf) -> Tuple[Tensor, Tensor]:
     """Per row of `scores` [B, N], the k best (values, indices) in odtk's one order: score descending, then index
     ascending. torch.topk leaves the order of equal scores (and which of them make the cut) unspecified, and fp16
-    heads tie often; odtk._C's kernels sort the same way, so both keep the same boxes in the same order."""
+    heads tie often; odtk._C's kernels sort the same way, so both keep the same boxes in the same order. Scores at
+    or below `floor` are the caller's to drop: which of them make the cut is left to torch.topk (cheaper)."""
     if k >= scores.shape[1]:
         return scores.sort(dim=1, descending=True, stable=True)
-    kth = scores.topk(k, dim=1).values[:, -1:]
-    chosen = scores > kth
-    tied = scores == kth
-    need = k - chosen.sum(1, keepdim=True)
-    if bool((tied.sum(1, keepdim=True) > need).any()):   # ties straddle the cut: keep the lowest indices
-        tied &= tied.cumsum(1) <= need
-    chosen |= tied
-    index = chosen.nonzero()[:, 1].view(scores.shape[0], k)        # ascending within each row
+    top, index = scores.topk(k, dim=1)
+    kth = top[:, -1:]
+    if bool((kth > floor).any()):
+        above, tied = scores > kth, scores == kth
+        need = k - above.sum(1, keepdim=True)
+        if bool(((tied.sum(1, keepdim=True) > need) & (kth > floor)).any()):   # ties straddle the cut
+            tied &= tied.cumsum(1) <= need                                      # keep the lowest indices
+            index = (above | tied).nonzero()[:, 1].view(scores.shape[0], k)     # ascending within each row
+    index = index.sort(dim=1).values
     values, order = scores.gather(1, index).sort(dim=1, descending=True, stable=True)
     return values, index.gather(1, order)
 
@@ -148,7 +150,7 @@ def decode(cls_heads: List[Tensor], box_heads: List[Tensor], anchors: List[Tenso
         num_classes = cls_head.shape[1] // num_anchors
         scores = anchor_major(cls_head.sigmoid(), num_anchors).reshape(b, -1)      # (y, x, a, c)
         deltas = anchor_major(box_head, num_anchors)
-        top_scores, top_idx = top_k(scores, min(top_n, scores.shape[1]))
+        top_scores, top_idx = top_k(scores, min(top_n, scores.shape[1]), floor=threshold)
         keep = top_scores > threshold
         batch_idx = torch.arange(b, device=scores.device)[:, None].expand_as(keep)[keep]
         flat_idx = top_idx[keep]

@@ -181,3 +181,12 @@ def test_decode_and_nms_order_ties_by_anchor_index():
     n = int((scores > 0).sum())
     assert n == 3 and classes[0, :n].tolist() == [0, 1, 0]
     assert torch.equal(kept[0, :n], anchors[0][[0, 0, 2]])
+
+
+def test_top_k_below_the_floor_order_is_free_above_it_exact():
+    """Ties at or below `floor` (decode's threshold drops them) need no exact cut; above it the order is exact."""
+    scores = torch.tensor([[0.01] * 6 + [0.7, 0.3, 0.7, 0.01]])
+    values, index = B.top_k(scores, 4, floor=0.05)
+    assert index[0, :3].tolist() == [6, 8, 7] and values[0, 3] == pytest.approx(0.01)
+    values, index = B.top_k(scores, 2, floor=0.05)
+    assert index.tolist() == [[6, 8]]
