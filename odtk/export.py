@@ -20,6 +20,7 @@ from .constants import DEFAULT_OPSET
 from .checks import check_export, check_writable
 from .model import Model
 from .onnx_meta import metadata, read_metadata, set_metadata  # noqa: F401  (read_metadata: odtk.export's API)
+from .progress import progress
 from .utils import OdtkError, atomic_path, log
 
 
@@ -185,9 +186,8 @@ class _CalibrationReader:
         self.bar = None
 
     def get_next(self):
-        from tqdm import tqdm
         if self.bar is None:
-            self.bar = tqdm(total=self.left, desc="calibrate", unit="batch", dynamic_ncols=True)
+            self.bar = progress(total=self.left, desc="calibrate", unit="batch")
         batch = next(self.loader, None) if self.left > 0 else None
         if batch is None:
             self.bar.close()
@@ -280,7 +280,6 @@ def quantize_int8(fp32: str, output: str, cfg: ExportConfig, size: Tuple[int, in
 
 def export(cfg: ExportConfig) -> None:
     import onnx
-    from tqdm import tqdm
     check_writable(cfg.output, "the export output", "model.onnx")   # before the work, not after it
     ext = os.path.splitext(cfg.output)[1].lower()
     if ext == ".plan":
@@ -293,7 +292,7 @@ def export(cfg: ExportConfig) -> None:
     log.info(f"exporting {cfg.model} -> {cfg.output} ({'raw heads' if cfg.raw_heads else 'end-to-end'}, "
              f"{size[0]}x{size[1]}, opset {cfg.opset}{', INT8' if cfg.int8 else ''})")
     with tempfile.TemporaryDirectory() as tmp, \
-            tqdm(total=3 if cfg.int8 else 1, desc="export", unit="step", dynamic_ncols=True) as bar:
+            progress(total=3 if cfg.int8 else 1, desc="export", unit="step") as bar:
         fp32 = os.path.join(tmp, "fp32.onnx")
         export_onnx(model, fp32 if cfg.int8 else cfg.output, size=size, raw_heads=cfg.raw_heads, batch=cfg.batch,
                     opset=cfg.opset)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from tqdm import tqdm
 
 from .data import CocoDataset, image_size, loader_factory
 from .detector import Detector
@@ -16,6 +15,7 @@ from .distributed import Context, gather
 from .checks import check_infer, check_writable
 from .evaluate import evaluate
 from .model import Model
+from .progress import progress
 from .utils import OdtkError, atomic_write_text, log
 
 
@@ -63,7 +63,7 @@ def detect_dataset(detector: Detector, dataset: CocoDataset, cfg: InferConfig, c
                                            device=getattr(detector.backend, "device", torch.device("cpu")))
     sizes, rows, count, start = _Sizes(dataset), [], 0, time.time()
     shard = len(range(ctx.rank, len(dataset), ctx.world_size))
-    with tqdm(total=shard, desc="infer", unit="img", dynamic_ncols=True, disable=ctx.rank != 0) as bar:
+    with progress(total=shard, desc="infer", unit="img", disable=ctx.rank != 0) as bar:
         for batch in loader:
             if batch is None:
                 continue

@@ -14,7 +14,6 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from .backbones import BACKBONES, find_weights, load_imagenet
 from .checks import at_least, check_writable, non_negative, ordered_range, positive
@@ -22,6 +21,7 @@ from .data import Augment, CocoDataset, loader_factory
 from .distributed import (MASTER, Context, Ranks, StopRequest, TrainingStopped, check_nodes, launch, local_workers,
                           resolve_device, torchrun_context)
 from .model import Model, ModelConfig
+from .progress import progress
 from .utils import OdtkError, log
 
 DEFAULT_BACKBONE = "ResNet50FPN"
@@ -428,8 +428,8 @@ class Trainer:
 
     def loop(self, loader, metrics: Metrics, stop: StopRequest) -> bool:
         """Steps until the last iteration (False) or a stop agreed by the ranks (True)."""
-        with tqdm(total=self.iters, initial=self.state.iteration, desc="train", unit="it", dynamic_ncols=True,
-                  disable=self.ctx.rank != 0) as bar:
+        with progress(total=self.iters, initial=self.state.iteration, desc="train", unit="it",
+                      disable=self.ctx.rank != 0) as bar:
             try:
                 for batch in self.batches(loader):
                     due = time.time() - self.last_save > 600
@@ -492,7 +492,7 @@ class Trainer:
                   "images_per_s": self.seen / (time.time() - self.start)}
         self.history.append(cls_loss + box_loss)
         bar.set_postfix(cls=f"{cls_loss:.3f}", box=f"{box_loss:.3f}", lr=f"{values['lr']:.2g}",
-                        ims=f"{values['images_per_s']:.2f}")
+                        **{"im/s": f"{values['images_per_s']:.2f}"})
         bar.update(1)
         if it % 10 == 0 or last:
             metrics.log(values, it)
