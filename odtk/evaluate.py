@@ -10,8 +10,10 @@ from .utils import log
 
 def evaluate(annotations: str, detections: str) -> Dict[str, Any]:
     """COCOeval (bbox) of a detections JSON against a COCO file, printing nothing: AP, AP50, ... (floats),
-    "per_class" (rows of per_class_ap) and "table", the report for the caller to show (pycocotools' summary lines,
-    the per-class table and an AP line)."""
+    "per_class" (rows of per_class_ap), "table", the report for the caller to show (pycocotools' summary lines,
+    the per-class table and an AP line), and for plots "precision" (area all, 100 detections: [T, R, K] over
+    "iou_thresholds" x "recall_thresholds" x the per_class rows; -1 for a class without ground truth or
+    detections)."""
     import json
 
     from pycocotools.coco import COCO
@@ -37,18 +39,25 @@ def evaluate(annotations: str, detections: str) -> Dict[str, Any]:
     results: Dict[str, Any] = {n: float(v) for n, v in zip(names, ev.stats)}
     rows = per_class_ap(ev, gt)
     results["per_class"] = rows
+    results["precision"] = all_areas(ev)
+    results["iou_thresholds"], results["recall_thresholds"] = ev.params.iouThrs, ev.params.recThrs
     footer = f"AP {results['AP']:.4f}  AP50 {results['AP50']:.4f}  ({len(ev.params.imgIds)} images)"
     results["table"] = "\n".join([*summary, format_table(rows), footer])
     return results
 
 
+def all_areas(ev) -> np.ndarray:
+    """The accumulated precision [T, R, K] for area 'all' and 100 detections (COCO's AP figures)."""
+    return ev.eval["precision"][:, :, :, 0, -1]   # [T, R, K, A, M]
+
+
 def per_class_ap(ev, gt) -> List[dict]:
     """AP (IoU .50:.95) and AP50 per category, area 'all', 100 detections."""
-    precision = ev.eval["precision"]          # [T, R, K, A, M]
+    precision = all_areas(ev)
     rows = []
     for k, cat_id in enumerate(ev.params.catIds):
-        p = precision[:, :, k, 0, -1]
-        p50 = precision[0, :, k, 0, -1]
+        p = precision[:, :, k]
+        p50 = precision[0, :, k]
         ap = float(np.mean(p[p > -1])) if (p > -1).any() else float("nan")
         ap50 = float(np.mean(p50[p50 > -1])) if (p50 > -1).any() else float("nan")
         n = len(gt.getAnnIds(catIds=[cat_id], iscrowd=False))

@@ -33,6 +33,7 @@ class InferConfig:
     with_dali: bool = False
     device: str = "auto"     # a .pth model's device: auto = CUDA when present
     compile: bool = False    # torch.compile the network (.pth)
+    plots: Optional[str] = None   # folder for evaluation plots (odtk.plots; needs annotations and matplotlib)
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -105,6 +106,8 @@ def run_model(model: Model, cfg: InferConfig, ctx: Optional[Context] = None) -> 
 def infer(cfg: InferConfig) -> Dict[str, float]:
     """`odtk infer`: any model format over a folder or a COCO file."""
     check_writable(cfg.output, "--output", "detections.json")   # before the work, not after it
+    if cfg.plots:
+        check_plots(cfg)
     ext = os.path.splitext(cfg.model)[1].lower()
     detector = Detector.load(cfg.model, device=None if cfg.device == "auto" else cfg.device,
                              precision="fp32" if cfg.full_precision else None, compile=cfg.compile, verbose=cfg.verbose)
@@ -115,4 +118,20 @@ def infer(cfg: InferConfig) -> Dict[str, float]:
     dataset = detector.dataset(cfg.images, cfg.annotations, resize=cfg.resize, max_size=cfg.max_size)
     if ext in (".onnx", ".plan"):
         log.info(f"{b.kind}, input {b.fit[0]}x{b.fit[1]}")
-    return run(detector, dataset, cfg)
+    results = run(detector, dataset, cfg)
+    if cfg.plots:
+        from .plots import write_plots
+        written = write_plots(cfg.annotations, cfg.output, cfg.plots, results=results)
+        if written:
+            log.info(f"plots: {', '.join(written)} -> {cfg.plots}")
+    return results
+
+
+def check_plots(cfg: InferConfig) -> None:
+    """--plots: matplotlib, ground truth to compare with, a folder to write (before inference, not after)."""
+    from .plots import require_matplotlib
+    require_matplotlib()
+    if not cfg.annotations:
+        raise OdtkError(f"--plots {cfg.plots}: needs --annotations (the plots compare detections with them)")
+    if os.path.exists(cfg.plots) and not os.path.isdir(cfg.plots):
+        raise OdtkError(f"--plots {cfg.plots}: is a file; give a folder for the plots")

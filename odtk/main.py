@@ -100,6 +100,9 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
                     "Runtime, .plan on the GPU)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (.pth): slower start, faster batches; pays on long runs")
+    p.add_argument("--plots", metavar="FOLDER",
+                   help="with --annotations: write pr_curve.png, confusion_matrix.png, per_class_ap.png and "
+                        "per_class.csv there (needs odtk[plots])")
 
     p = sub.add_parser("export", help="export to ONNX or a TensorRT engine", formatter_class=fmt)
     p.add_argument("model", help="model checkpoint (.pth)")
@@ -174,7 +177,7 @@ def run(args: argparse.Namespace) -> None:
                                     output=args.output, batch=args.batch, resize=args.resize, max_size=args.max_size,
                                     full_precision=args.full_precision, loader_workers=args.loader_workers,
                                     with_dali=args.with_dali, device=args.device, compile=args.compile,
-                                    verbose=args.verbose))
+                                    plots=args.plots, verbose=args.verbose))
         if results and results.get("table"):   # the library returns the evaluation report; showing it is the CLI's job
             print(results["table"])
     elif args.command == "export":
