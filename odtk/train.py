@@ -21,6 +21,7 @@ from .data import Augment, CocoDataset, loader_factory
 from .distributed import (MASTER, Context, Ranks, StopRequest, TrainingStopped, check_nodes, launch, local_workers,
                           resolve_device, torchrun_context)
 from .model import Model, ModelConfig
+from .plots import TrainingResults
 from .progress import progress
 from .utils import OdtkError, log
 
@@ -390,6 +391,9 @@ class Trainer:
         self.history: List[float] = []
         self.seen = 0
         self.start = self.last_save = time.time()
+        # <model stem>-results.csv/png, written by rank 0; a resumed run keeps the rows up to its checkpoint
+        self.results = (TrainingResults(model=cfg.model, resume_at=self.state.iteration if resumed else None)
+                        if ctx.rank == 0 else None)
 
     def fit(self) -> Dict[str, float]:
         """Train up to the last iteration; returns the loss figures and per-iteration losses ({} when MODEL is
@@ -485,7 +489,8 @@ class Trainer:
 
     def after_step(self, cls_loss: float, box_loss: float, bar, metrics: Metrics, *, save: bool) -> None:
         """The periodic jobs: progress and metrics, checkpoint (every --val-iters, at the end, or when `save`:
-        10 minutes since the last), validation."""
+        10 minutes since the last), validation; the results CSV is written with each checkpoint and validation,
+        its curves redrawn at each validation and at the end."""
         it, last, cfg = self.state.iteration, self.state.iteration == self.iters, self.cfg
         self.seen += self.batch
         values = {"loss/cls": cls_loss, "loss/box": box_loss, "lr": self.state.optimizer.param_groups[0]["lr"],
@@ -496,13 +501,24 @@ class Trainer:
         bar.update(1)
         if it % 10 == 0 or last:
             metrics.log(values, it)
-        if it % cfg.val_iters == 0 or last or save:
+            self.record(it, values)
+        saved = it % cfg.val_iters == 0 or last or save
+        if saved:
             self.checkpoint(final=last)
-        if cfg.val_annotations and (it % cfg.val_iters == 0 or last):
+        validated = bool(cfg.val_annotations) and (it % cfg.val_iters == 0 or last)
+        if validated:
             ap = self.validation()
             if ap:
                 log.info(f"validation at iteration {it}:\n{ap['table']}")
                 metrics.log({"val/AP": ap["AP"], "val/AP50": ap["AP50"]}, it)
+                self.record(it, {**values, "val/AP": ap["AP"], "val/AP50": ap["AP50"]})
+        if self.results is not None and (saved or validated):   # rows past a checkpoint are dropped on resume
+            self.results.save(plot=validated or last)
+
+    def record(self, iteration: int, values: Dict[str, float]) -> None:
+        """A row of the results CSV (rank 0)."""
+        if self.results is not None:
+            self.results.add(iteration, values)
 
     def checkpoint(self, *, final: bool = False) -> None:
         """Save MODEL (rank 0), never with non-finite weights. A failed save is retried at the next one; the
@@ -552,6 +568,8 @@ class Trainer:
     def stopped(self, signal: Optional[str]) -> TrainingStopped:
         """After a stop agreed by the ranks: a checkpoint, and the exception that reports it."""
         self.checkpoint(final=True)
+        if self.results is not None:
+            self.results.save(plot=True)
         log.warning(f"stopped by {signal or 'another worker'}: saved {self.cfg.model} at iteration "
                     f"{self.state.iteration}; run the same command to resume")
         return TrainingStopped(self.state.iteration, signal, rank=self.ctx.rank)
