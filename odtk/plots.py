@@ -122,7 +122,7 @@ def pr_figure(results: Dict[str, Any]):
         ax.plot(recall, mean_curve(every), color="black", linewidth=2.5, label=f"all classes  {key} {results[key]:.3f}")
         ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", title=f"precision-recall, {title}")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize="small")   # the curves start high on the left
+        ax.legend(loc="best", fontsize="small")
     left.set_ylabel("precision")
     return fig
 
