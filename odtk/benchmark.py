@@ -233,7 +233,7 @@ def benchmark(cfg: BenchmarkConfig) -> List[dict]:
     else:
         size = default_size(_Sizes(dataset)(dataset.ids), resize=b.resize, max_size=b.max_size,
                             divisible=b.size_divisible)
-    del detector
+    del detector   # its weights (GPU memory) go before each form loads its own
     with work_folder(cfg.output_dir) as folder:
         log.info(f"benchmark {cfg.model}: AP on {len(dataset)} images, timing on "
                  f"{min(cfg.images_limit, len(dataset))}, exports at {size[0]}x{size[1]}"
