@@ -5,8 +5,10 @@
     >>> found = detector("photo.jpg")                        # boxes, scores, labels, names
     >>> odtk.train(odtk.TrainConfig(model="new.pth", annotations="train.json", images="images/"))
     >>> odtk.export(odtk.ExportConfig(model="new.pth", output="new.onnx"))
+    >>> rows = odtk.benchmark(odtk.BenchmarkConfig(model="new.pth", images="val/", annotations="val.json"))
 """
 from .version import __version__
+from .benchmark import BenchmarkConfig, benchmark, benchmark_table
 from .convert import convert_voc, convert_yolo, write_coco
 from .data import Augment
 from .detector import Detections, Detector
@@ -19,4 +21,4 @@ from .utils import OdtkError
 
 __all__ = ["__version__", "Detector", "Detections", "Model", "ModelConfig", "train", "TrainConfig", "Augment",
            "export", "ExportConfig", "infer", "InferConfig", "evaluate", "convert_voc", "convert_yolo", "write_coco",
-           "OdtkError"]
+           "OdtkError", "benchmark", "BenchmarkConfig", "benchmark_table"]

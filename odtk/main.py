@@ -125,6 +125,21 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
                    help="TensorRT dynamic batch profile")
     _device_flag(p, "a .plan is built on the GPU (cpu: refused); ONNX is traced and calibrated on the CPU either way")
 
+    p = sub.add_parser("benchmark", help="which form to deploy: AP, speed and size of PyTorch, ONNX Runtime fp32/INT8 "
+                                         "and TensorRT FP16/INT8", formatter_class=fmt)
+    p.add_argument("model", help="model checkpoint (.pth): every form is exported from it")
+    p.add_argument("--images", required=True, help="folder of the images of --annotations (also INT8 calibration)")
+    p.add_argument("--annotations", required=True, help="COCO annotations: every form's AP on their images")
+    p.add_argument("--size", type=int, nargs="+", default=None, metavar="SIDE",
+                   help="ONNX/TensorRT input, square or height width (default: the size most images need at the "
+                        "checkpoint's training resize/max-size, fitted to the stride)")
+    p.add_argument("--batch", type=int, default=8, help="batch for the images/s column (and the exports)")
+    p.add_argument("--calibration-batches", type=int, default=2, help="INT8 calibration batches of --batch images")
+    p.add_argument("--images-limit", type=int, default=32, metavar="N", help="images timed (the first N)")
+    p.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="keep the exports and each form's detections here (default: a temp folder, removed)")
+    p.add_argument("--loader-workers", type=int, default=2, help="data loader processes for the AP pass")
+
     p = sub.add_parser("convert", help="Pascal VOC XML or YOLO labels -> COCO JSON", formatter_class=fmt)
     p.add_argument("source", help="VOC root (with Annotations/) or folder of XML, or YOLO labels folder")
     p.add_argument("output", help="COCO JSON to write")
@@ -187,6 +202,13 @@ def run(args: argparse.Namespace) -> None:
                             int8=args.int8, calibration_images=args.calibration_images,
                             calibration_batches=args.calibration_batches, calibration_table=args.calibration_table,
                             dynamic_batch_opts=args.dynamic_batch_opts, device=args.device, verbose=args.verbose))
+    elif args.command == "benchmark":
+        from .benchmark import BenchmarkConfig, benchmark, benchmark_table
+        rows = benchmark(BenchmarkConfig(model=args.model, images=args.images, annotations=args.annotations,
+                                         size=args.size, batch=args.batch, calibration_batches=args.calibration_batches,
+                                         images_limit=args.images_limit, output_dir=args.output_dir,
+                                         loader_workers=args.loader_workers, verbose=args.verbose))
+        print(benchmark_table(rows))   # the library returns the rows; showing them is the CLI's job
     elif args.command == "convert":
         from .convert import convert_voc, convert_yolo, write_coco
         if args.format == "voc":
