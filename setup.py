@@ -124,10 +124,11 @@ setup(
     install_requires=["torch>=2.6", "torchvision>=0.21", "pycocotools", "pillow", "numpy", "tqdm", "requests",
                       "tensorboardX"],
     extras_require={
-        "test": ["pytest", "onnx", "onnxruntime", "onnxscript", "nvidia-dali-cuda130", "matplotlib>=3.6"],
+        "test": ["pytest", "onnx", "onnxruntime", "onnxscript", "nvidia-dali-cuda130", "matplotlib>=3.6", "av"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "dali": ["nvidia-dali-cuda130"],
         "plots": ["matplotlib>=3.6"],   # odtk.plots: Figure(layout=...) and Axes.bar_label
+        "video": ["av"],   # odtk infer/Detector on video files (PyAV: FFmpeg decode, H.264 encode)
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

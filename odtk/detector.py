@@ -5,14 +5,17 @@
     >>> found = detector("photo.jpg")                          # a path, PIL image, HWC uint8 array or CHW tensor
     >>> found.boxes, found.scores, found.labels, found.names   # xyxy in the photo's pixels, category ids
     >>> results = detector.predict(["a.jpg", "b.png"], batch_size=8, score_threshold=0.3)
+    >>> results = detector.predict("list.txt")                 # also a folder, a glob ("imgs/*.jpg"), a video
+    >>> frames = detector.predict_video("clip.mp4", output_video="seen.mp4")   # one Detections per frame
 
 The detector owns resize, normalisation, padding and the mapping back to original pixels, with the very code that
 `odtk infer` runs (`odtk infer` is a loop over `Detector.detect_batch`), so both give the same boxes.
 """
 import glob
+import itertools
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,14 +25,17 @@ from torchvision.ops import batched_nms
 
 from .constants import category_ids_or_default
 from .data import CocoDataset, collate, find_images, load_image, normalize_image, resize_image, scaled_size
+from .draw import draw_detections
 from .onnx_meta import read_metadata
 from .utils import OdtkError, cpu_threads, log
+from .video import is_video, read_frames, video_info, video_writer
 
 ImageInput = Union[str, "os.PathLike[str]", Image.Image, np.ndarray, Tensor]
 Images = Union[ImageInput, Sequence[ImageInput]]
 Outputs = Tuple[Tensor, Tensor, Tensor]      # scores [B, D], boxes [B, D, 4] (input pixels), classes [B, D]
 
 GLOB_CHARS = ("*", "?", "[")
+LIST_EXTENSIONS = (".txt",)        # a text file of image (or video) paths, one per line
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -43,16 +49,28 @@ class Detections:
     names: List[str]
     image_size: Tuple[int, int]          # (height, width) of the image as displayed
     source: Optional[str] = None         # the file, when the image came from one
+    frame: Optional[int] = None          # a video frame's index (from 0) ...
+    time: Optional[float] = None         # ... and time in seconds
 
     def __len__(self) -> int:
         return len(self.scores)
 
+    def _rounded(self) -> Iterator[Tuple[List[float], float, int, str]]:
+        """(bbox x, y, w, h, score, category id, name) per detection, rounded as `odtk infer` writes them."""
+        for (x1, y1, x2, y2), s, label, name in zip(self.boxes.tolist(), self.scores.tolist(), self.labels.tolist(),
+                                                    self.names):
+            yield [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)], round(s, 5), label, name
+
     def to_coco(self, image_id: int) -> List[dict]:
         """COCO result rows (bbox x, y, w, h), rounded as `odtk infer` writes them."""
-        return [{"image_id": image_id, "category_id": label,
-                 "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)], "score": round(s, 5)}
-                for (x1, y1, x2, y2), s, label in zip(self.boxes.tolist(), self.scores.tolist(),
-                                                       self.labels.tolist())]
+        return [{"image_id": image_id, "category_id": label, "bbox": bbox, "score": score}
+                for bbox, score, label, _ in self._rounded()]
+
+    def to_frame(self) -> dict:
+        """A video frame's JSON line: {"frame", "time", "detections": [{"bbox", "score", "category_id", "name"}]}."""
+        return {"frame": self.frame, "time": None if self.time is None else round(self.time, 4),
+                "detections": [{"bbox": bbox, "score": score, "category_id": label, "name": name}
+                               for bbox, score, label, name in self._rounded()]}
 
 
 @dataclass
@@ -230,7 +248,8 @@ def _describe(backend: Backend, meta: dict) -> None:
 
 # -- inputs -----------------------------------------------------------------------------------------------------
 def expand_inputs(images: Images) -> List[ImageInput]:
-    """A path, folder, glob or in-memory image, or a list of them -> a flat list of files and images."""
+    """A path, folder, glob, .txt list of paths or in-memory image, or a list of them -> a flat list of files
+    (images and videos: a video stays one item, its frames are read as they are needed) and images."""
     if isinstance(images, (list, tuple)):
         return [item for image in images for item in expand_inputs(image)]
     if isinstance(images, Tensor) and images.dim() == 4:
@@ -239,15 +258,48 @@ def expand_inputs(images: Images) -> List[ImageInput]:
         path = os.fspath(images)
         if os.path.isdir(path):
             return [os.path.join(path, name) for name in find_images(path)]
+        if path.lower().endswith(LIST_EXTENSIONS) and os.path.isfile(path):
+            return read_list(path)
         if any(c in path for c in GLOB_CHARS) and not os.path.exists(path):
             found = sorted(glob.glob(path, recursive=True))
             if not found:
                 raise OdtkError(f"{path}: no file matches this pattern")
             return found
         if not os.path.isfile(path):
-            raise OdtkError(f"{path}: image file not found")
+            kind = "video" if is_video(path) else "list" if path.lower().endswith(LIST_EXTENSIONS) else "image"
+            raise OdtkError(f"{path}: {kind} file not found")
         return [path]
     return [images]
+
+
+def read_list(path: str) -> List[str]:
+    """The files a text file lists, one per line, relative to the text file's folder (absolute ones as they are);
+    blank lines and lines starting with # are skipped."""
+    folder, files = os.path.dirname(path), []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            entry = line.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            file = os.path.join(folder, os.path.expanduser(entry))
+            if not os.path.isfile(file):
+                raise OdtkError(f"{path}, line {number}: {file}: file not found (paths are relative to the list's "
+                                f"folder)")
+            files.append(file)
+    if not files:
+        raise OdtkError(f"{path}: lists no files (give one image path per line)")
+    return files
+
+
+def decoded(items: Iterable[ImageInput]) -> Iterator[Tuple[Tensor, Optional[str], Optional[int], Optional[float]]]:
+    """(uint8 [3, H, W], source file, frame index, time) for each image, and for each frame of each video, read
+    only as they are consumed (a long video is never held in memory)."""
+    for item in items:
+        if is_video(item):
+            for frame, (image, time) in enumerate(read_frames(os.fspath(item))):
+                yield image, os.fspath(item), frame, time
+        else:
+            yield to_uint8(item), os.fspath(item) if isinstance(item, (str, os.PathLike)) else None, None, None
 
 
 def to_uint8(image: ImageInput) -> Tensor:
@@ -337,10 +389,11 @@ class Detector:
 
     # -- predicting ---------------------------------------------------------------------------------------------
     def __call__(self, images: Images, **kwargs) -> Union[Detections, List[Detections]]:
-        """`predict`; a single image (not in a list) gives a single result."""
+        """`predict`; a single image (not in a list, nor a folder, glob, list file or video) gives a single result."""
         results = self.predict(images, **kwargs)
-        single = not isinstance(images, (list, tuple)) and len(results) == 1 and not (
-            isinstance(images, (str, os.PathLike)) and not os.path.isfile(images))
+        many = isinstance(images, (str, os.PathLike)) and (
+            not os.path.isfile(images) or is_video(images) or os.fspath(images).lower().endswith(LIST_EXTENSIONS))
+        single = not isinstance(images, (list, tuple)) and len(results) == 1 and not many
         return results[0] if single else results
 
     def predict(self, images: Images, *, batch_size: int = 8, resize: Optional[int] = None,
@@ -352,22 +405,56 @@ class Detector:
     def iter_predict(self, images: Images, *, batch_size: int = 8, resize: Optional[int] = None,
                      max_size: Optional[int] = None, **limits) -> Iterator[Detections]:
         """`predict` as a generator: for long lists and video frames."""
+        for _, found in self.iter_predict_pixels(images, batch_size=batch_size, resize=resize, max_size=max_size,
+                                                 **limits):
+            yield found
+
+    def iter_predict_pixels(self, images: Images, *, batch_size: int = 8, resize: Optional[int] = None,
+                            max_size: Optional[int] = None, **limits) -> Iterator[Tuple[Tensor, Detections]]:
+        """`iter_predict` with each image as the model saw it (uint8 [3, H, W]): to draw on without reading it
+        again. A video gives one pair per frame (Detections.frame and .time set)."""
         if batch_size < 1:
             raise OdtkError(f"batch_size {batch_size}: must be at least 1")
         b = self.backend
         batch_size = min(batch_size, b.max_batch or batch_size)
         resize, max_size = resize or b.resize, max_size or b.max_size
-        items = expand_inputs(images)
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            pixels = [to_uint8(item) for item in chunk]
+        stream = decoded(expand_inputs(images))
+        while True:
+            chunk = list(itertools.islice(stream, batch_size))
+            if not chunk:
+                return
+            pixels = [x for x, _, _, _ in chunk]
             prepared = [prepare(x, resize=resize, max_size=max_size, fit=b.fit, mean=b.mean, std=b.std)
                         for x in pixels]
             batch = collate([(x, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), i, ratio)
                              for i, (x, ratio) in enumerate(prepared)], b.size_divisible, b.fit)
             sizes = [tuple(x.shape[1:]) for x in pixels]
-            sources = [os.fspath(i) if isinstance(i, (str, os.PathLike)) else None for i in chunk]
-            yield from self.detect_batch(batch[0], batch[4], sizes, sources=sources, **limits)
+            found = self.detect_batch(batch[0], batch[4], sizes, sources=[s for _, s, _, _ in chunk], **limits)
+            for (x, _, frame, time), f in zip(chunk, found):
+                f.frame, f.time = frame, time
+                yield x, f
+
+    def predict_video(self, path: str, **kwargs) -> List[Detections]:
+        """`iter_video` as a list: one `Detections` per frame."""
+        return list(self.iter_video(path, **kwargs))
+
+    def iter_video(self, path: str, *, output_video: Optional[str] = None, draw_threshold: float = 0.3,
+                   batch_size: int = 8, resize: Optional[int] = None, max_size: Optional[int] = None,
+                   **limits) -> Iterator[Detections]:
+        """The detections of each frame of a video (.mp4 .avi .mov .mkv .webm; needs PyAV), frames decoded and
+        batched as they go. `output_video`: also write an annotated H.264 .mp4 (same frame rate and size, boxes
+        of score >= `draw_threshold`), which appears once the last frame is through."""
+        if not is_video(path):
+            raise OdtkError(f"{path}: not a video (give a .mp4, .avi, .mov, .mkv or .webm file)")
+        kwargs = dict(batch_size=batch_size, resize=resize, max_size=max_size, **limits)
+        if output_video is None:
+            yield from self.iter_predict(path, **kwargs)
+            return
+        info = video_info(path)
+        with video_writer(output_video, fps=info.fps, size=info.size) as write:
+            for pixels, found in self.iter_predict_pixels(path, **kwargs):
+                write(draw_detections(pixels, found, class_names=self.class_names, threshold=draw_threshold))
+                yield found
 
     def detect_batch(self, images: Tensor, ratios: Tensor, sizes: Sequence[Tuple[int, int]], *,
                      sources: Optional[Sequence[Optional[str]]] = None, score_threshold: Optional[float] = None,

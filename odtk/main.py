@@ -87,9 +87,20 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
 
     p = sub.add_parser("infer", help="run inference (and COCO evaluation)", formatter_class=fmt)
     p.add_argument("model", help="model: .pth (PyTorch), .onnx (ONNX Runtime) or .plan (TensorRT)")
-    p.add_argument("--images", default=".", help="folder of images")
-    p.add_argument("--annotations", help="COCO annotations: infer on their images and evaluate")
-    p.add_argument("--output", default="detections.json", help="COCO detections JSON to write")
+    p.add_argument("--images", default=".",
+                   help="a folder of images, one image, a quoted glob ('shots/*.jpg'), a .txt list of paths (one "
+                        "per line, relative to the list), or a video (.mp4 .avi .mov .mkv .webm; needs PyAV)")
+    p.add_argument("--annotations", help="COCO annotations: infer on their images (in the --images folder) and "
+                                         "evaluate")
+    p.add_argument("--output", default=None,
+                   help="COCO detections JSON to write (default detections.json); for a video, JSON lines, one per "
+                        "frame (default <video stem>.detections.jsonl)")
+    p.add_argument("--save-images", metavar="DIR",
+                   help="also write each image with its detections drawn, as JPEG, to DIR under its own name (.jpg "
+                        "added to other types); for a video, the annotated video DIR/<video stem>.mp4")
+    p.add_argument("--draw-threshold", type=float, default=0.3, help="the lowest score --save-images draws")
+    p.add_argument("--draw-ground-truth", action="store_true",
+                   help="--save-images also draws the --annotations boxes (thin white, name below)")
     p.add_argument("--batch", type=int, default=2, help="batch size")
     p.add_argument("--resize", type=int, default=800, help="shorter side")
     p.add_argument("--max-size", type=int, default=1333, help="cap on the longer side")
@@ -192,7 +203,9 @@ def run(args: argparse.Namespace) -> None:
                                     output=args.output, batch=args.batch, resize=args.resize, max_size=args.max_size,
                                     full_precision=args.full_precision, loader_workers=args.loader_workers,
                                     with_dali=args.with_dali, device=args.device, compile=args.compile,
-                                    plots=args.plots, verbose=args.verbose))
+                                    plots=args.plots, save_images=args.save_images,
+                                    draw_threshold=args.draw_threshold, draw_ground_truth=args.draw_ground_truth,
+                                    verbose=args.verbose))
         if results and results.get("table"):   # the library returns the evaluation report; showing it is the CLI's job
             print(results["table"])
     elif args.command == "export":
