@@ -114,5 +114,5 @@ def infer(cfg: InferConfig) -> Dict[str, float]:
                         f"(export with --batch or --dynamic-batch-opts)")
     dataset = detector.dataset(cfg.images, cfg.annotations, resize=cfg.resize, max_size=cfg.max_size)
     if ext in (".onnx", ".plan"):
-        log.info(f"{b.kind}, input {b.fit[0]}x{b.fit[1]}")
+        log.info(f"{b.kind}, input {'%dx%d' % b.fit if b.fit else 'dynamic (--resize/--max-size)'}")
     return run(detector, dataset, cfg)
