@@ -114,7 +114,7 @@ def _ap(model, images, annotations, output, **kw):
 
 
 def test_varied_sizes_ap_equals_pth_fp32_and_int8(trained, dynamic, varied, tmp_path):
-    model_path, train_images, *_ = trained
+    model_path, *_ = trained
     images, annotations = varied
     ref = _ap(model_path, images, annotations, str(tmp_path / "pth.json"), device="cpu")
     got = _ap(dynamic, images, annotations, str(tmp_path / "onnx.json"))
