@@ -176,7 +176,9 @@ def _tighten(out: Outputs, limits: Thresholds, baked: Thresholds) -> Outputs:
 
 
 class OnnxBackend(Backend):
-    """An end-to-end ONNX graph (decode and NMS inside) in ONNX Runtime."""
+    """An end-to-end ONNX graph (decode and NMS inside) in ONNX Runtime. A fixed-size graph fits every image into
+    its size; a dynamic-size one (export --dynamic-size) takes each image resized and padded as TorchBackend
+    does, by the resize/max_size of its metadata (what the model was trained at) unless the caller gives them."""
     kind = "ONNX Runtime"
 
     def __init__(self, path: str):
@@ -186,7 +188,8 @@ class OnnxBackend(Backend):
                             f"end-to-end graph for ONNX Runtime: odtk export model.pth model.onnx")
         self.session = onnx_session(path)
         _describe(self, meta)
-        self.fit = tuple(meta["size"])
+        self.fit = None if meta.get("dynamic") else tuple(meta["size"])
+        self.resize, self.max_size = meta.get("resize", self.resize), meta.get("max_size", self.max_size)
         self.kind = f"ONNX Runtime {self.session.get_providers()[0]}{' INT8' if meta.get('int8') else ''}"
 
     def __call__(self, images: Tensor, limits: Thresholds) -> Outputs:

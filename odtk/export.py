@@ -1,8 +1,10 @@
 """ONNX export: raw heads (ODTK's TensorRT contract) or end-to-end (decode + NMS in standard ONNX ops), and TensorRT
 plans (raw heads + odtk._C's decode/NMS plugins).
 
-Both graphs take a normalised, padded float image batch `input_1` [B, 3, H, W] of a fixed H, W and a
-dynamic batch. Preprocessing and classes travel in the model's metadata under the key "odtk".
+Both graphs take a normalised, padded float image batch `input_1` [B, 3, H, W] with a dynamic batch, and a fixed
+H, W (--size) or, with --dynamic-size (ONNX only), symbolic ones: any multiple of size_divisible, so ONNX Runtime
+sees each image resized as `odtk infer model.pth` does. Preprocessing and classes travel in the model's metadata
+under the key "odtk".
 """
 import json
 import os
@@ -17,7 +19,7 @@ from torch import Tensor
 
 from . import box as box_ops
 from .constants import DEFAULT_OPSET
-from .checks import check_export, check_writable
+from .checks import at_least, check_export, check_writable
 from .model import Model
 from .onnx_meta import metadata, read_metadata, set_metadata  # noqa: F401  (read_metadata: odtk.export's API)
 from .progress import progress
@@ -40,9 +42,17 @@ class ExportConfig:
     dynamic_batch_opts: Optional[Tuple[int, int, int]] = None
     device: str = "auto"             # cpu refuses a .plan; ONNX is traced on the CPU either way
     verbose: bool = False
+    dynamic_size: bool = False       # symbolic input height and width (ONNX only); `size` is then the trace size
+    resize: Optional[int] = None     # a dynamic graph's inference resize; default: the checkpoint's training values
+    max_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         check_export(self)
+        at_least("--resize", self.resize, 1)
+        at_least("--max-size", self.max_size, 1)
+        if (self.resize or self.max_size) and not self.dynamic_size:
+            raise OdtkError("--resize/--max-size set how a --dynamic-size graph's images are resized; a fixed-size "
+                            "graph fits them into --size: add --dynamic-size or drop them")
 
 
 def export_size(size: Sequence[int], divisible: int) -> Tuple[int, int]:
@@ -53,6 +63,13 @@ def export_size(size: Sequence[int], divisible: int) -> Tuple[int, int]:
     if h % divisible or w % divisible or h <= 0 or w <= 0:
         raise OdtkError(f"--size {h} {w}: each side must be a positive multiple of {divisible}")
     return h, w
+
+
+def preprocess_sizes(cfg: ExportConfig, state: dict) -> Tuple[int, int]:
+    """(resize, max_size) that inference applies to a dynamic graph: --resize/--max-size, else the checkpoint's
+    training values (what `odtk infer model.pth` and Detector.load use), else odtk's defaults."""
+    trained = state.get("train_config") or {}
+    return cfg.resize or trained.get("resize", 800), cfg.max_size or trained.get("max_size", 1333)
 
 
 class RawHeads(nn.Module):
@@ -95,52 +112,90 @@ class _NMS(torch.autograd.Function):
 
 
 class EndToEnd(nn.Module):
-    """input_1 -> scores [B, D], boxes [B, D, 4], classes [B, D], as Model.predict at a fixed input size."""
+    """input_1 -> scores [B, D], boxes [B, D, 4], classes [B, D], as Model.predict. With a `size` (height, width)
+    the graph takes that input only and its anchors are constants; with None, height and width are dynamic: each
+    level's anchors are generated in the graph from its traced feature-map shape, and boxes clip to the traced
+    input size."""
 
-    def __init__(self, model: Model, size: Tuple[int, int]):
+    def __init__(self, model: Model, size: Optional[Tuple[int, int]] = None):
         super().__init__()
         self.model = model
         self.size = size
-        for i, a in enumerate(model.anchors_for(size)):
-            self.register_buffer(f"anchors_{i}", a.clone(), persistent=False)
+        if size:
+            for i, a in enumerate(model.anchors_for(size)):
+                self.register_buffer(f"anchors_{i}", a.clone(), persistent=False)
+
+    def _anchors(self, level: int, head: Tensor) -> Tensor:
+        if self.size:
+            return getattr(self, f"anchors_{level}")
+        h, w = head.shape[-2:]   # traced as Shape ops: Range/meshgrid in the graph follow the input
+        return box_ops.grid_anchors(self.model.cell_anchors[level], self.model.strides[level], h, w)
 
     def forward(self, x: Tensor):
         cfg = self.model.config
         c, a = cfg.num_classes, cfg.num_anchors
+        size = self.size or tuple(x.shape[-2:])
         cls_heads, box_heads = self.model(x)
         all_scores, all_boxes, all_classes = [], [], []
         for i, (cls, box) in enumerate(zip(cls_heads, box_heads)):
             h, w = cls.shape[-2:]
             scores = box_ops.anchor_major(cls.sigmoid(), a).reshape(-1, h * w * a * c)
             deltas = box_ops.anchor_major(box, a)
-            top, idx = scores.topk(min(cfg.top_n, h * w * a * c), dim=1)
+            top, idx = scores.topk(_at_most(h * w * a * c, cfg.top_n), dim=1)
             anchor_idx = idx // c
             deltas = deltas.gather(1, anchor_idx.unsqueeze(-1).expand(-1, -1, 4))
-            anchors = getattr(self, f"anchors_{i}")[anchor_idx]
+            anchors = self._anchors(i, cls)[anchor_idx]
             all_scores.append(top)
-            all_boxes.append(box_ops.delta2box(deltas, anchors, self.size))
+            all_boxes.append(box_ops.delta2box(deltas, anchors, size))
             all_classes.append(idx % c)
         scores, boxes, classes = torch.cat(all_scores, 1), torch.cat(all_boxes, 1), torch.cat(all_classes, 1)
         # class-aware NMS in one call: shift each class to its own region so classes never overlap
-        offset = (classes.to(boxes.dtype) * float(max(self.size) + 1)).unsqueeze(-1)
+        offset = (classes.to(boxes.dtype) * (_longest(size) + 1)).unsqueeze(-1)
         selected = _NMS.apply(boxes + offset, scores.unsqueeze(1), cfg.detections, cfg.nms, cfg.threshold)
         b_idx, i_idx = selected[:, 0], selected[:, 2]
         kept = torch.zeros_like(scores).index_put((b_idx, i_idx), scores[b_idx, i_idx])
-        n = scores.shape[1]
-        if n < cfg.detections:   # tiny inputs: fewer candidates than outputs
-            kept = torch.cat([kept, kept.new_zeros(kept.shape[0], cfg.detections - n)], 1)
-            boxes = torch.cat([boxes, boxes.new_zeros(boxes.shape[0], cfg.detections - n, 4)], 1)
-            classes = torch.cat([classes, classes.new_zeros(classes.shape[0], cfg.detections - n)], 1)
-        out_scores, order = kept.topk(cfg.detections, dim=1)
+        # D zero rows after the candidates: tiny inputs have fewer candidates than outputs (always padded, as a
+        # dynamic graph cannot branch on the count)
+        d = cfg.detections
+        kept = torch.cat([kept, kept.new_zeros(kept.shape[0], d)], 1)
+        boxes = torch.cat([boxes, boxes.new_zeros(boxes.shape[0], d, 4)], 1)
+        classes = torch.cat([classes, classes.new_zeros(classes.shape[0], d)], 1)
+        out_scores, order = kept.topk(d, dim=1)
         valid = out_scores > 0
         out_boxes = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4)) * valid.unsqueeze(-1)
         out_classes = classes.gather(1, order) * valid
         return out_scores, out_boxes, out_classes
 
 
+def _at_most(n, k: int):
+    """min(n, k) for a Python int or a traced 0-d shape tensor (Python's min would bake the trace's value in)."""
+    return torch.clamp(n, max=k) if isinstance(n, Tensor) else min(n, k)
+
+
+def _longest(size):
+    """The longer side of (height, width), ints or traced 0-d tensors."""
+    h, w = size
+    return torch.maximum(h, w).float() if isinstance(h, Tensor) else float(max(h, w))
+
+
+def dynamic_axes(outputs: Sequence[str], raw_heads: bool, dynamic: bool) -> dict:
+    """ONNX dynamic axes: the batch always; with `dynamic` the input's height and width, and the raw heads' own
+    (each level's H and W follow the input)."""
+    axes = {n: {0: "batch"} for n in ["input_1", *outputs]}
+    if dynamic:
+        axes["input_1"].update({2: "height", 3: "width"})
+        if raw_heads:
+            for name in outputs:
+                axes[name].update({2: f"{name}_height", 3: f"{name}_width"})
+    return axes
+
+
 def export_onnx(model: Model, path: str, *, size: Tuple[int, int], raw_heads: bool = False, batch: int = 1,
-                opset: int = DEFAULT_OPSET, half: bool = False) -> None:
-    """Write an ONNX graph with a dynamic batch axis and odtk metadata; onnx.checker must accept it."""
+                opset: int = DEFAULT_OPSET, half: bool = False, dynamic: bool = False,
+                preprocess: Tuple[int, int] = (800, 1333)) -> None:
+    """Write an ONNX graph with a dynamic batch axis and odtk metadata; onnx.checker must accept it. With `dynamic`
+    the input's height and width are symbolic too (traced at `size`); `preprocess` (resize, max_size) is the
+    resize that inference applies to a dynamic graph's images, recorded in the metadata."""
     import onnx
     model = model.eval().float()
     levels = len(model.strides)
@@ -148,7 +203,7 @@ def export_onnx(model: Model, path: str, *, size: Tuple[int, int], raw_heads: bo
         module = RawHeads(model, half)
         outputs = [f"score_{i + 1}" for i in range(levels)] + [f"box_{i + 1}" for i in range(levels)]
     else:
-        module = EndToEnd(model, size)
+        module = EndToEnd(model, None if dynamic else size)
         outputs = ["scores", "boxes", "classes"]
     dummy = torch.zeros(max(1, batch), 3, *size)
     fd, tmp = tempfile.mkstemp(prefix="odtk-", suffix=".onnx")
@@ -158,13 +213,14 @@ def export_onnx(model: Model, path: str, *, size: Tuple[int, int], raw_heads: bo
             warnings.simplefilter("ignore")
             # the TorchScript exporter: it takes the custom NonMaxSuppression symbolic above
             torch.onnx.export(module, (dummy,), tmp, input_names=["input_1"], output_names=outputs,
-                              dynamic_axes={n: {0: "batch"} for n in ["input_1"] + outputs},
+                              dynamic_axes=dynamic_axes(outputs, raw_heads, dynamic),
                               opset_version=opset, dynamo=False, do_constant_folding=True)
         proto = onnx.load(tmp)
     finally:
         os.unlink(tmp)
     log.debug(f"{path}: {len(proto.graph.node)} nodes, outputs {outputs}")
-    save_checked(proto, path, metadata(model, size, "raw" if raw_heads else "end2end"))
+    save_checked(proto, path, metadata(model, size, "raw" if raw_heads else "end2end", dynamic=dynamic,
+                                       preprocess=preprocess))
 
 
 def save_checked(proto, path: str, meta: dict) -> None:
@@ -179,9 +235,10 @@ def save_checked(proto, path: str, meta: dict) -> None:
 class _CalibrationReader:
     """Feeds onnxruntime's calibrator batches of real images, resized and padded like inference."""
 
-    def __init__(self, dataset, *, batch: int, batches: int):
+    def __init__(self, dataset, *, batch: int, batches: int, size_divisible: int = 32):
         from .data import make_loader
-        self.loader = iter(make_loader(dataset, batch_size=batch, training=False, workers=0))
+        self.loader = iter(make_loader(dataset, batch_size=batch, training=False, workers=0,
+                                       size_divisible=size_divisible))
         self.left = batches
         self.bar = None
 
@@ -198,10 +255,13 @@ class _CalibrationReader:
 
 
 def calibration_dataset(folder: str, size: Tuple[int, int], wanted: int, meta: dict):
+    """The calibration images, preprocessed as inference will: fitted into `size`, or for a dynamic graph resized
+    by the metadata's resize/max_size, each at its own size."""
     from .data import CocoDataset
     if not os.path.isdir(folder):
         raise OdtkError(f"{folder}: calibration images folder not found")
-    dataset = CocoDataset(folder, fit=size, mean=meta["mean"], std=meta["std"])
+    resize = dict(resize=meta["resize"], max_size=meta["max_size"]) if meta.get("dynamic") else dict(fit=size)
+    dataset = CocoDataset(folder, mean=meta["mean"], std=meta["std"], **resize)
     if len(dataset) < wanted:
         log.warning(f"{folder}: {len(dataset)} images, fewer than the {wanted} asked for "
                     f"(--calibration-batches x --batch); calibrating on those")
@@ -263,7 +323,9 @@ def quantize_int8(fp32: str, output: str, cfg: ExportConfig, size: Tuple[int, in
     if not (table and os.path.isfile(table)):
         wanted = cfg.calibration_batches * cfg.batch
         dataset = calibration_dataset(cfg.calibration_images, size, wanted, meta)
-        reader = _CalibrationReader(dataset, batch=cfg.batch, batches=cfg.calibration_batches)
+        # a dynamic graph sees each image at its own size: batches of one, so no padding skews the ranges
+        batch, batches = (1, wanted) if meta.get("dynamic") else (cfg.batch, cfg.calibration_batches)
+        reader = _CalibrationReader(dataset, batch=batch, batches=batches, size_divisible=meta["size_divisible"])
     else:
         log.info(f"reusing calibration table {table}")
     untied = os.path.splitext(output)[0] + "-untied.onnx"
@@ -286,21 +348,24 @@ def export(cfg: ExportConfig) -> None:
         return export_plan(cfg)
     if ext != ".onnx":
         raise OdtkError(f"{cfg.output}: unknown export target (use .onnx or .plan)")
-    model, _ = Model.load(cfg.model)
+    model, state = Model.load(cfg.model)
     size = export_size(cfg.size, model.config.size_divisible)
     flavour = "raw" if cfg.raw_heads else "end2end"
+    preprocess = preprocess_sizes(cfg, state)
+    shape = (f"dynamic height and width (traced at {size[0]}x{size[1]}; inference resizes to {preprocess[0]}, "
+             f"max {preprocess[1]})" if cfg.dynamic_size else f"{size[0]}x{size[1]}")
     log.info(f"exporting {cfg.model} -> {cfg.output} ({'raw heads' if cfg.raw_heads else 'end-to-end'}, "
-             f"{size[0]}x{size[1]}, opset {cfg.opset}{', INT8' if cfg.int8 else ''})")
+             f"{shape}, opset {cfg.opset}{', INT8' if cfg.int8 else ''})")
     with tempfile.TemporaryDirectory() as tmp, \
             progress(total=3 if cfg.int8 else 1, desc="export", unit="step") as bar:
         fp32 = os.path.join(tmp, "fp32.onnx")
         export_onnx(model, fp32 if cfg.int8 else cfg.output, size=size, raw_heads=cfg.raw_heads, batch=cfg.batch,
-                    opset=cfg.opset)
+                    opset=cfg.opset, dynamic=cfg.dynamic_size, preprocess=preprocess)
         bar.update(1)
         if not cfg.int8:
             return
         quantized = os.path.join(tmp, "int8.onnx")
-        meta = metadata(model, size, flavour)
+        meta = metadata(model, size, flavour, dynamic=cfg.dynamic_size, preprocess=preprocess)
         quantize_int8(fp32, quantized, cfg, size, meta)
         bar.update(1)
         meta["int8"] = "s8s8 symmetric" if cfg.raw_heads else "u8s8 reduce-range"
@@ -320,6 +385,9 @@ def export_plan(cfg: ExportConfig) -> None:
     """Raw-heads ONNX (FP16 network unless --full-precision; the Q/DQ INT8 graph with --int8) -> odtk._C.Engine
     with the decode/NMS plugins -> plan, written to a temp file and renamed."""
     from .extension import engine_class
+    if cfg.dynamic_size:   # the decode plugin clips to the build size, and Engine feeds that one size
+        raise OdtkError(f"{cfg.output}: --dynamic-size is for ONNX (ONNX Runtime, or a raw-heads .onnx for your own "
+                        f"TensorRT build); odtk's .plan engines are fixed-size: drop --dynamic-size and set --size")
     engine = engine_class()   # fail in one line before minutes of work when TensorRT is absent
     opts = batch_profile(cfg)
     model, _ = Model.load(cfg.model)

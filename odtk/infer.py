@@ -263,7 +263,7 @@ def infer(cfg: InferConfig) -> Dict[str, float]:
         raise OdtkError(f"--batch {cfg.batch}: the engine takes at most {b.max_batch} images "
                         f"(export with --batch or --dynamic-batch-opts)")
     if ext in (".onnx", ".plan"):
-        log.info(f"{b.kind}, input {b.fit[0]}x{b.fit[1]}")
+        log.info(f"{b.kind}, input {'%dx%d' % b.fit if b.fit else 'dynamic (--resize/--max-size)'}")
     if files is None:
         results = run(detector, detector.dataset(cfg.images, cfg.annotations, resize=cfg.resize,
                                                  max_size=cfg.max_size), cfg)

@@ -134,6 +134,15 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
                         "of the end-to-end graph with decode and NMS (scores, boxes, classes) that ONNX Runtime runs")
     p.add_argument("--dynamic-batch-opts", type=int, nargs=3, default=None, metavar=("MIN", "OPT", "MAX"),
                    help="TensorRT dynamic batch profile")
+    p.add_argument("--dynamic-size", action="store_true",
+                   help="ONNX: any input height and width (multiples of the stride; --size is only the trace size): "
+                        "inference resizes each image by --resize/--max-size as a .pth does, instead of fitting it "
+                        "into --size")
+    p.add_argument("--resize", type=int, default=None,
+                   help="--dynamic-size: shorter side that inference resizes to (default: the checkpoint's training "
+                        "--resize)")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="--dynamic-size: cap on the longer side (default: the checkpoint's training --max-size)")
     _device_flag(p, "a .plan is built on the GPU (cpu: refused); ONNX is traced and calibrated on the CPU either way")
 
     p = sub.add_parser("benchmark", help="which form to deploy: AP, speed and size of PyTorch, ONNX Runtime fp32/INT8 "
@@ -214,7 +223,8 @@ def run(args: argparse.Namespace) -> None:
                             raw_heads=args.raw_heads, opset=args.opset, full_precision=args.full_precision,
                             int8=args.int8, calibration_images=args.calibration_images,
                             calibration_batches=args.calibration_batches, calibration_table=args.calibration_table,
-                            dynamic_batch_opts=args.dynamic_batch_opts, device=args.device, verbose=args.verbose))
+                            dynamic_batch_opts=args.dynamic_batch_opts, device=args.device, verbose=args.verbose,
+                            dynamic_size=args.dynamic_size, resize=args.resize, max_size=args.max_size))
     elif args.command == "benchmark":
         from .benchmark import BenchmarkConfig, benchmark, benchmark_table
         rows = benchmark(BenchmarkConfig(model=args.model, images=args.images, annotations=args.annotations,

@@ -14,11 +14,16 @@ if TYPE_CHECKING:   # the model type for annotations only: reading metadata must
 METADATA_KEY = "odtk"
 
 
-def metadata(model: "Model", size: Tuple[int, int], flavour: str) -> dict:
+def metadata(model: "Model", size: Tuple[int, int], flavour: str, *, dynamic: bool = False,
+             preprocess: Tuple[int, int] = (800, 1333)) -> dict:
     """What inference needs to run `model` exported at input `size` (height, width) as `flavour` (raw, end2end,
-    plan): preprocessing, classes, thresholds and the anchor geometry."""
+    plan): preprocessing, classes, thresholds and the anchor geometry. `dynamic`: the graph takes any height and
+    width (multiples of size_divisible; `size` is only where it was traced), and inference resizes each image as
+    a .pth does, shorter side to `resize` capped by `max_size` (`preprocess`)."""
     mc = model.config
-    return {"odtk_version": __version__, "flavour": flavour, "size": list(size), "stride": max(model.strides),
+    resize, max_size = preprocess
+    return {"odtk_version": __version__, "flavour": flavour, "size": list(size), "dynamic": dynamic,
+            "resize": resize, "max_size": max_size, "stride": max(model.strides),
             "size_divisible": mc.size_divisible, "mean": mc.mean, "std": mc.std, "num_classes": mc.num_classes,
             "category_ids": category_ids_or_default(mc.category_ids, mc.num_classes),
             "class_names": mc.class_names, "backbones": mc.backbones, "threshold": mc.threshold, "nms": mc.nms,
