@@ -18,6 +18,7 @@ from torch import Tensor
 from . import box as box_ops
 from .constants import DEFAULT_OPSET
 from .checks import check_export, check_writable
+from .fuse import fused_copy
 from .model import Model
 from .onnx_meta import metadata, read_metadata, set_metadata  # noqa: F401  (read_metadata: odtk.export's API)
 from .utils import OdtkError, atomic_path, log
@@ -141,7 +142,7 @@ def export_onnx(model: Model, path: str, *, size: Tuple[int, int], raw_heads: bo
                 opset: int = DEFAULT_OPSET, half: bool = False) -> None:
     """Write an ONNX graph with a dynamic batch axis and odtk metadata; onnx.checker must accept it."""
     import onnx
-    model = model.eval().float()
+    model = fused_copy(model).float()   # BN folded into the convs (a copy: the caller's model is left as it is)
     levels = len(model.strides)
     if raw_heads:
         module = RawHeads(model, half)
