@@ -35,22 +35,22 @@ def _measured_model(backbone: str, dtype: torch.dtype = torch.float32) -> Model:
     (made-up statistics let them grow through a deep ResNet until float rounding alone exceeds any tolerance)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    model = Model(config=ModelConfig(backbones=[backbone], num_classes=3, pretrained=False)).to(dtype)
+    model = Model(config=ModelConfig(backbones=[backbone], num_classes=3, pretrained=False))
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.momentum = None       # the statistics of the batch below, not a blend with the initial ones
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-        model.train()(torch.randn(2, 3, 64, 96, generator=g, dtype=dtype))
-    return model.eval()
+        model.train()(torch.randn(2, 3, 64, 96, generator=g))
+    return model.to(dtype).eval()
 
 
 def _frozen(model: Model) -> Model:
     """The same weights and statistics in the pretrained layout: FrozenBatchNorm2d, frozen stem."""
-    frozen = Model(config=ModelConfig(**{**model.config.__dict__, "pretrained": True}))
+    frozen = Model(config=ModelConfig(**{**model.config.__dict__, "pretrained": True})).to(model.cls_head[0].weight)
     frozen.load_state_dict(model.state_dict(), strict=False)   # FrozenBatchNorm2d has no num_batches_tracked
-    return frozen.to(next(model.parameters()).dtype).eval()
+    return frozen.eval()
 
 
 def _variant(backbone: str, pretrained: bool, dtype: torch.dtype = torch.float32) -> Model:
@@ -71,30 +71,31 @@ def _count_bn(model: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_fusion_keeps_outputs_for_every_backbone(backbone):
-    """Both configurations: pretrained=False (eval-mode nn.BatchNorm2d) and pretrained=True (FrozenBatchNorm2d)."""
-    trainable = _measured_model(backbone)
+    """Both configurations, pretrained=False (eval-mode nn.BatchNorm2d) and pretrained=True (FrozenBatchNorm2d), in
+    float64: heads within 1e-4 and every output equal to rounding, so the fold is the same function (in float32 a
+    random-weight ResNet152's own rounding reaches ~1e-4, which would hide a small error)."""
+    trainable = _measured_model(backbone, torch.float64)
     for model in (trainable, _frozen(trainable)):
         before = _count_bn(model)
         fused = fused_copy(model)
         assert before > 0 and _count_bn(fused) == 0, "every BatchNorm of the body is folded"
         assert _count_bn(model) == before, "the original model keeps its BatchNorms"
-        x = torch.randn(1, 3, 64, 96)
+        x = torch.randn(1, 3, 32, 64, dtype=torch.float64)   # small: float64 depthwise/grouped convs are slow
         (features, heads), (fused_features, fused_heads) = _outputs(model, x), _outputs(fused, x)
-        # float32 rounding through ResNet152's random weights reaches ~1.2e-4 on logits of ~4.6: rtol for those
         for a, b in zip(heads, fused_heads):
-            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
-        for a, b in zip(features, fused_features):
-            torch.testing.assert_close(b, a, atol=1e-3 * float(a.abs().max()), rtol=0)
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+        for a, b in zip(features + heads, fused_features + fused_heads):
+            torch.testing.assert_close(b, a, atol=1e-9 * float(a.abs().max()), rtol=0)
 
 
-def test_fusion_is_exact_in_float64():
-    """In float64 the fused model equals the unfused one to rounding: the fold is the same function (float32's
-    differences above are rounding, not an approximation)."""
-    model = _variant("ResNet18FPN", True, torch.float64)
-    x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
-    (features, heads), (fused_features, fused_heads) = _outputs(model, x), _outputs(fused_copy(model), x)
-    for a, b in zip(features + heads, fused_features + fused_heads):
-        torch.testing.assert_close(b, a, atol=1e-10 * float(a.abs().max()), rtol=0)
+@pytest.mark.parametrize("backbone", ["ResNet50FPN", "MobileNetV2FPN"])
+def test_fusion_in_float32_heads_within_1e_4(backbone):
+    """What inference runs: float32, the default backbone and the small one."""
+    trainable = _measured_model(backbone)
+    x = torch.randn(1, 3, 64, 96)
+    for model in (trainable, _frozen(trainable)):
+        for a, b in zip(_outputs(model, x)[1], _outputs(fused_copy(model), x)[1]):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
 
 
 def test_fuse_finds_resnet_pairs_counts_them_and_leaves_eval_mode():
