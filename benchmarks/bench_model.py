@@ -1,7 +1,9 @@
 """odtk RetinaNet vs torchvision's retinanet_resnet50_fpn on this machine, in one run.
 
-Times inference (batch 1, 800x1333) and one training step (batch 2, 512x512), random weights, same
-threads, and prints where odtk's time goes. Usage: python benchmarks/bench_model.py [--reps N] [--threads T]
+Times inference (batch 1, 800x1333; odtk also with its BatchNorms fused into the convolutions, as Detector.load
+and export run it) and one training step (batch 2, 512x512), random weights, same threads, best of --reps (on a
+shared machine use more), and prints where odtk's time goes.
+Usage: python benchmarks/bench_model.py [--reps N] [--threads T]
 """
 import argparse
 import time
@@ -10,6 +12,7 @@ from collections import defaultdict
 import torch
 import torchvision
 
+from odtk.fuse import fused_copy
 from odtk.model import Model, ModelConfig
 from odtk.utils import cpu_threads
 
@@ -88,6 +91,10 @@ def main():
         t_ours = timed(lambda: ours.predict(xp), args.reps)
         t_tv = timed(lambda: tv([x[0]]), args.reps)
     rows.append(("inference 800x1333, batch 1", t_ours, t_tv))
+    fused = fused_copy(ours)    # what Detector.load and export run: BatchNorm folded into the convolutions
+    with torch.inference_mode():
+        rows.append(("  same, odtk with BN fused", timed(lambda: fused.predict(xp), args.reps), t_tv))
+    del fused
     infer_stages = stages_infer(ours, xp, args.reps)
 
     # one training step, batch 2 at 512x512

@@ -6,6 +6,7 @@
     >>> odtk.train(odtk.TrainConfig(model="new.pth", annotations="train.json", images="images/"))
     >>> odtk.export(odtk.ExportConfig(model="new.pth", output="new.onnx"))
     >>> rows = odtk.benchmark(odtk.BenchmarkConfig(model="new.pth", images="val/", annotations="val.json"))
+    >>> odtk.info("new.pth")["gflops"]                     # classes, anchors, parameters, GFLOPs, training
 """
 from .version import __version__
 from .benchmark import BenchmarkConfig, benchmark, benchmark_table
@@ -15,10 +16,11 @@ from .detector import Detections, Detector
 from .evaluate import evaluate
 from .export import ExportConfig, export
 from .infer import InferConfig, infer
+from .info import info
 from .model import Model, ModelConfig
 from .train import TrainConfig, train
 from .utils import OdtkError
 
 __all__ = ["__version__", "Detector", "Detections", "Model", "ModelConfig", "train", "TrainConfig", "Augment",
            "export", "ExportConfig", "infer", "InferConfig", "evaluate", "convert_voc", "convert_yolo", "write_coco",
-           "OdtkError", "benchmark", "BenchmarkConfig", "benchmark_table"]
+           "info", "OdtkError", "benchmark", "BenchmarkConfig", "benchmark_table"]

@@ -364,8 +364,10 @@ class Detector:
             return cls(OnnxBackend(path), **limits)
         if ext == ".plan":
             return cls(PlanBackend.load(path, verbose=verbose), **limits)
+        from .fuse import fuse_conv_bn
         from .model import Model
         model, state = Model.load(path)
+        fuse_conv_bn(model)     # a fresh model, only ever run: fold its BatchNorms into the convolutions
         trained = state.get("train_config") or {}
         return cls(TorchBackend(model, device=device, precision=precision, resize=trained.get("resize", 800),
                                 max_size=trained.get("max_size", 1333), compile=compile), **limits)

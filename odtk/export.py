@@ -20,6 +20,7 @@ from torch import Tensor
 from . import box as box_ops
 from .constants import DEFAULT_OPSET
 from .checks import at_least, check_export, check_writable
+from .fuse import fused_copy
 from .model import Model
 from .onnx_meta import metadata, read_metadata, set_metadata  # noqa: F401  (read_metadata: odtk.export's API)
 from .progress import progress
@@ -197,7 +198,7 @@ def export_onnx(model: Model, path: str, *, size: Tuple[int, int], raw_heads: bo
     the input's height and width are symbolic too (traced at `size`); `preprocess` (resize, max_size) is the
     resize that inference applies to a dynamic graph's images, recorded in the metadata."""
     import onnx
-    model = model.eval().float()
+    model = fused_copy(model).float()   # BN folded into the convs (a copy: the caller's model is left as it is)
     levels = len(model.strides)
     if raw_heads:
         module = RawHeads(model, half)

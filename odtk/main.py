@@ -1,4 +1,4 @@
-"""Command line: odtk {train,infer,export,convert,synthetic}."""
+"""Command line: odtk {train,infer,export,convert,synthetic,info}."""
 import argparse
 import sys
 from typing import List, Optional
@@ -177,6 +177,12 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--val", type=int, default=50, help="validation images")
     p.add_argument("--size", type=int, default=256, help="image side")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p = sub.add_parser("info", help="describe a model file: classes, anchors, parameters, GFLOPs, training",
+                       formatter_class=fmt)
+    p.add_argument("model", help="model: .pth checkpoint, .onnx or .plan")
+    p.add_argument("--size", type=int, nargs="+", default=None, metavar="SIDE",
+                   help="input height width (one value: square) for a checkpoint's GFLOPs (default: its training "
+                        "--resize/--max-size, else 800 1333; padded like the loaders pad)")
     for sub_parser in sub.choices.values():   # --verbose also after the command (ODTK's `export ... --verbose`)
         sub_parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="more detail")
     return parser.parse_args(args)
@@ -243,6 +249,9 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "synthetic":
         from .synthetic import write_dataset
         write_dataset(args.output, train=args.train, val=args.val, size=args.size, seed=args.seed)
+    elif args.command == "info":
+        from .info import format_info, info
+        print(format_info(info(args.model, size=args.size)))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
