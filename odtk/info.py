@@ -240,8 +240,8 @@ def _checkpoint_rows(d: dict) -> List[Tuple[str, str]]:
              ("", f"backbone + FPN + heads by torch.utils.flop_counter: {d['flops_convention']} "
                   f"(torchvision's docs count 1, half as many)"),
              ("iteration", "not saved" if d["iteration"] is None else f"{d['iteration']:,}"),
-             ("EMA", f"yes (decay {d['ema']['decay']}, {d['ema']['updates'] or 0:,} updates; inference and export use it)"
-              if d["ema"] else "no"),
+             ("EMA", f"yes (decay {d['ema']['decay']}, {d['ema']['updates'] or 0:,} updates; inference and export "
+                     f"use it)" if d["ema"] else "no"),
              ("training", _compact(d["train_config"]) if d["train_config"] else "no settings saved")]
     return rows
 
