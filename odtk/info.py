@@ -240,8 +240,8 @@ def _checkpoint_rows(d: dict) -> List[Tuple[str, str]]:
              ("", f"backbone + FPN + heads by torch.utils.flop_counter: {d['flops_convention']} "
                   f"(torchvision's docs count 1, half as many)"),
              ("iteration", "not saved" if d["iteration"] is None else f"{d['iteration']:,}"),
-             ("EMA", f"yes (decay {d['ema']['decay']}, {d['ema']['updates']} updates; inference and export use it)"
-              if d["ema"] else "no"),
+             ("EMA", f"yes (decay {d['ema']['decay']}, {d['ema']['updates'] or 0:,} updates; inference and export "
+                     f"use it)" if d["ema"] else "no"),
              ("training", _compact(d["train_config"]) if d["train_config"] else "no settings saved")]
     return rows
 
@@ -265,7 +265,8 @@ def _plan_rows(d: dict) -> List[Tuple[str, str]]:
 def _classes(d: dict, shown: int = 8) -> str:
     ids, names = d["category_ids"], d["class_names"]
     contiguous = bool(ids) and ids == list(range(ids[0], ids[0] + len(ids)))
-    id_text = f"{ids[0]}-{ids[-1]}" if contiguous else _numbers(ids[:shown]) + (" ..." if len(ids) > shown else "")
+    id_text = (f"{ids[0]}-{ids[-1]}" if contiguous else _numbers(ids) if len(ids) <= shown else
+               f"{ids[0]}-{ids[-1]} with gaps")
     if not names:
         return f"{d['classes']}, no names (category ids {id_text})"
     more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
