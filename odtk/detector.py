@@ -261,7 +261,7 @@ def expand_inputs(images: Images) -> List[ImageInput]:
         path = os.fspath(images)
         if os.path.isdir(path):
             return [os.path.join(path, name) for name in find_images(path)]
-        if path.lower().endswith(LIST_EXTENSIONS) and os.path.isfile(path):
+        if is_list(path) and os.path.isfile(path):
             return read_list(path)
         if any(c in path for c in GLOB_CHARS) and not os.path.exists(path):
             found = sorted(glob.glob(path, recursive=True))
@@ -269,10 +269,15 @@ def expand_inputs(images: Images) -> List[ImageInput]:
                 raise OdtkError(f"{path}: no file matches this pattern")
             return found
         if not os.path.isfile(path):
-            kind = "video" if is_video(path) else "list" if path.lower().endswith(LIST_EXTENSIONS) else "image"
+            kind = "video" if is_video(path) else "list" if is_list(path) else "image"
             raise OdtkError(f"{path}: {kind} file not found")
         return [path]
     return [images]
+
+
+def is_list(path: Union[str, "os.PathLike[str]"]) -> bool:
+    """A text file of paths (by its extension)."""
+    return os.fspath(path).lower().endswith(LIST_EXTENSIONS)
 
 
 def read_list(path: str) -> List[str]:
@@ -397,7 +402,7 @@ class Detector:
         """`predict`; a single image (not in a list, nor a folder, glob, list file or video) gives a single result."""
         results = self.predict(images, **kwargs)
         many = isinstance(images, (str, os.PathLike)) and (
-            not os.path.isfile(images) or is_video(images) or os.fspath(images).lower().endswith(LIST_EXTENSIONS))
+            not os.path.isfile(images) or is_video(images) or is_list(images))
         single = not isinstance(images, (list, tuple)) and len(results) == 1 and not many
         return results[0] if single else results
 

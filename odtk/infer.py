@@ -48,6 +48,11 @@ class InferConfig:
     draw_ground_truth: bool = False     # also draw the boxes of `annotations`
     verbose: bool = False
 
+    @property
+    def torch_device(self) -> Optional[str]:
+        """`device` for Detector.load / TorchBackend: None lets them pick (auto)."""
+        return None if self.device == "auto" else self.device
+
     def __post_init__(self) -> None:
         check_infer(self)
         check_drawing(self)
@@ -235,7 +240,7 @@ def run_video(detector: Detector, path: str, cfg: InferConfig) -> Dict[str, floa
 def run_model(model: Model, cfg: InferConfig, ctx: Optional[Context] = None) -> Dict[str, float]:
     """Run a PyTorch model in memory over cfg's images (validation during training: `ctx` gives the worker's
     device and this rank's shard)."""
-    device = ctx.device if ctx else None if cfg.device == "auto" else cfg.device
+    device = ctx.device if ctx else cfg.torch_device
     precision = "fp32" if cfg.full_precision else None
     detector = Detector.from_model(model, device=device, precision=precision, compile=cfg.compile)
     dataset = detector.dataset(cfg.images, cfg.annotations, resize=cfg.resize, max_size=cfg.max_size)
@@ -256,7 +261,7 @@ def infer(cfg: InferConfig) -> Dict[str, float]:
     if files is not None and cfg.with_dali:
         log.warning("--with-dali: reads folders and --annotations datasets only; these images are read without it")
     ext = os.path.splitext(cfg.model)[1].lower()
-    detector = Detector.load(cfg.model, device=None if cfg.device == "auto" else cfg.device,
+    detector = Detector.load(cfg.model, device=cfg.torch_device,
                              precision="fp32" if cfg.full_precision else None, compile=cfg.compile, verbose=cfg.verbose)
     b = detector.backend
     if b.max_batch and cfg.batch > b.max_batch:
