@@ -13,9 +13,9 @@ using nvinfer1::PluginField;
 using nvinfer1::PluginFieldType;
 
 DecodePlugin::DecodePlugin(std::vector<float> cell_anchors, float stride, float score_threshold, int32_t top_n,
-                           int32_t image_h, int32_t image_w)
+                           int32_t image_h, int32_t image_w, bool clip_to_input)
     : anchors_(std::move(cell_anchors)), stride_(stride), score_threshold_(score_threshold), top_n_(top_n),
-      image_size_{image_h, image_w} {
+      image_size_{image_h, image_w}, clip_to_input_(clip_to_input ? 1 : 0) {
   check();
 }
 
@@ -25,19 +25,22 @@ DecodePlugin::DecodePlugin(nvinfer1::PluginFieldCollection const* fields)
   auto threshold = field_values<float>(fields, "score_thresh", PluginFieldType::kFLOAT32);
   auto top_n = field_values<int32_t>(fields, "top_n", PluginFieldType::kINT32);
   auto size = field_values<int32_t>(fields, "image_size", PluginFieldType::kINT32);
-  if (stride.size() != 1 || threshold.size() != 1 || top_n.size() != 1 || size.size() != 2)
+  auto clip = field_values<int32_t>(fields, "clip_to_input", PluginFieldType::kINT32);   // optional: newer plans
+  if (stride.size() != 1 || threshold.size() != 1 || top_n.size() != 1 || size.size() != 2 || clip.size() > 1)
     throw std::invalid_argument("OdtkDecode: fields anchors, stride, score_thresh, top_n, image_size required");
   stride_ = stride[0];
   score_threshold_ = threshold[0];
   top_n_ = top_n[0];
   image_size_[0] = size[0];
   image_size_[1] = size[1];
+  clip_to_input_ = clip.empty() ? 0 : clip[0];
   check();
 }
 
 void DecodePlugin::check() const {
   if (anchors_.empty() || anchors_.size() % 4) throw std::invalid_argument("OdtkDecode: anchors must be A*4 floats");
   if (top_n_ <= 0 || stride_ <= 0) throw std::invalid_argument("OdtkDecode: top_n and stride must be positive");
+  if (clip_to_input_ != 0 && clip_to_input_ != 1) throw std::invalid_argument("OdtkDecode: clip_to_input is 0 or 1");
 }
 
 std::vector<PluginField> DecodePlugin::field_names() {
@@ -45,7 +48,8 @@ std::vector<PluginField> DecodePlugin::field_names() {
           PluginField("stride", nullptr, PluginFieldType::kFLOAT32, 1),
           PluginField("score_thresh", nullptr, PluginFieldType::kFLOAT32, 1),
           PluginField("top_n", nullptr, PluginFieldType::kINT32, 1),
-          PluginField("image_size", nullptr, PluginFieldType::kINT32, 2)};
+          PluginField("image_size", nullptr, PluginFieldType::kINT32, 2),
+          PluginField("clip_to_input", nullptr, PluginFieldType::kINT32, 1)};
 }
 
 std::vector<PluginField> DecodePlugin::fields() {
@@ -53,32 +57,43 @@ std::vector<PluginField> DecodePlugin::fields() {
           PluginField("stride", &stride_, PluginFieldType::kFLOAT32, 1),
           PluginField("score_thresh", &score_threshold_, PluginFieldType::kFLOAT32, 1),
           PluginField("top_n", &top_n_, PluginFieldType::kINT32, 1),
-          PluginField("image_size", image_size_, PluginFieldType::kINT32, 2)};
+          PluginField("image_size", image_size_, PluginFieldType::kINT32, 2),
+          PluginField("clip_to_input", &clip_to_input_, PluginFieldType::kINT32, 1)};
 }
 
-// The cell anchors, then the kernel's workspace for a batch of input.d[0] (TensorRT asks with the largest).
-size_t DecodePlugin::workspace_size(nvinfer1::Dims const& input) const {
+// One call of the kernel on a level of shape `input` (CUB convention: workspace null = only the size).
+size_t DecodePlugin::kernel(nvinfer1::Dims const& input, int32_t const image_size[2], void const* const* inputs,
+                            void* const* outputs, float const* anchors, void* workspace, size_t workspace_size,
+                            cudaStream_t stream) const {
   const int32_t num_anchors = static_cast<int32_t>(anchors_.size() / 4);
+  auto out = [&](int k) { return outputs ? static_cast<float*>(outputs[k]) : nullptr; };
+  return cuda::decode(static_cast<int>(input.d[0]), inputs ? static_cast<float const*>(inputs[0]) : nullptr,
+                      inputs ? static_cast<float const*>(inputs[1]) : nullptr, anchors, num_anchors,
+                      static_cast<int>(input.d[1]) / num_anchors, static_cast<int>(input.d[2]),
+                      static_cast<int>(input.d[3]), stride_, score_threshold_, top_n_, image_size[0], image_size[1],
+                      out(0), out(1), out(2), workspace, workspace_size, stream);
+}
+
+// The cell anchors, then the kernel's workspace for input's batch and level shape (TensorRT asks with the
+// profile's largest; the clip size does not change it).
+size_t DecodePlugin::workspace_size(nvinfer1::Dims const& input) const {
   cuda::Workspace ws(nullptr);
   ws.take<float>(anchors_.size());
-  return ws.used() + cuda::decode(static_cast<int>(input.d[0]), nullptr, nullptr, nullptr, num_anchors, static_cast<int>(input.d[1]) / num_anchors,
-                                  static_cast<int>(input.d[2]), static_cast<int>(input.d[3]), stride_,
-                                  score_threshold_, top_n_, image_size_[0], image_size_[1], nullptr, nullptr, nullptr,
-                                  nullptr, 0, nullptr);
+  return ws.used() + kernel(input, image_size_, nullptr, nullptr, nullptr, nullptr, 0, nullptr);
 }
 
-void DecodePlugin::run(nvinfer1::Dims const& input, void const* const* inputs, void* const* outputs, void* workspace,
-                       cudaStream_t stream) {
-  const int32_t num_anchors = static_cast<int32_t>(anchors_.size() / 4);
+void DecodePlugin::run(nvinfer1::PluginTensorDesc const* desc, void const* const* inputs, void* const* outputs,
+                       void* workspace, cudaStream_t stream) {
+  nvinfer1::Dims const& level = desc[0].dims;   // this call's batch and feature-map size
+  // a dynamic-size engine's input size changes per call: the network input's shape, not a build-time constant
+  int32_t const image[2] = {clip_to_input_ ? static_cast<int32_t>(desc[2].dims.d[2]) : image_size_[0],
+                            clip_to_input_ ? static_cast<int32_t>(desc[2].dims.d[3]) : image_size_[1]};
   cuda::Workspace ws(workspace);
   float* anchors = ws.take<float>(anchors_.size());
   cuda::check(cudaMemcpyAsync(anchors, anchors_.data(), anchors_.size() * sizeof(float), cudaMemcpyHostToDevice,
                               stream), "OdtkDecode: anchors copy");
-  cuda::decode(static_cast<int>(input.d[0]), static_cast<float const*>(inputs[0]), static_cast<float const*>(inputs[1]),
-               anchors, num_anchors, static_cast<int>(input.d[1]) / num_anchors, static_cast<int>(input.d[2]),
-               static_cast<int>(input.d[3]), stride_, score_threshold_, top_n_, image_size_[0], image_size_[1],
-               static_cast<float*>(outputs[0]), static_cast<float*>(outputs[1]), static_cast<float*>(outputs[2]),
-               static_cast<char*>(workspace) + ws.used(), workspace_size(input) - ws.used(), stream);
+  kernel(level, image, inputs, outputs, anchors, static_cast<char*>(workspace) + ws.used(),
+         workspace_size(level) - ws.used(), stream);
 }
 
 }  // namespace odtk

@@ -1,6 +1,7 @@
 // DecodePlugin: one pyramid level's score threshold, top-n and box decoding (odtk::cuda::decode) in a
-// TensorRT network. Inputs score [B, A*C, H, W] and box [B, A*4, H, W]; outputs scores [B, top_n],
-// boxes [B, top_n, 4], classes [B, top_n].
+// TensorRT network. Inputs score [B, A*C, H, W] and box [B, A*4, H, W] (and, with clip_to_input, the network's
+// image input [B, 3, height, width], whose shape only is read); outputs scores [B, top_n], boxes [B, top_n, 4],
+// classes [B, top_n]. H and W are read from the inputs at each enqueue, so one plugin serves any input size.
 #pragma once
 
 #include <vector>
@@ -13,26 +14,33 @@ class DecodePlugin : public PluginBase<DecodePlugin> {
  public:
   static constexpr char kName[] = "OdtkDecode";
 
+  // image_h, image_w > 0: clip boxes to that fixed size; clip_to_input: clip to the third input's height and
+  // width at each enqueue instead (dynamic-size engines); neither: no clip.
   DecodePlugin(std::vector<float> cell_anchors, float stride, float score_threshold, int32_t top_n,
-               int32_t image_h, int32_t image_w);
+               int32_t image_h, int32_t image_w, bool clip_to_input = false);
   explicit DecodePlugin(nvinfer1::PluginFieldCollection const* fields);   // from the creator / a plan
   static std::vector<nvinfer1::PluginField> field_names();
-  static constexpr int32_t kInputs = 2, kInputDims = 4;
+  static constexpr int32_t kInputDims = 4;
+  int32_t inputs() const { return clip_to_input_ ? 3 : 2; }
   int32_t outputs_per_image() const { return top_n_; }
 
   std::vector<nvinfer1::PluginField> fields();   // pointing at the members, for serialisation
   size_t workspace_size(nvinfer1::Dims const& input) const;
-  void run(nvinfer1::Dims const& input, void const* const* inputs, void* const* outputs, void* workspace,
+  void run(nvinfer1::PluginTensorDesc const* desc, void const* const* inputs, void* const* outputs, void* workspace,
            cudaStream_t stream);
 
  private:
   void check() const;
+  size_t kernel(nvinfer1::Dims const& input, int32_t const image_size[2], void const* const* inputs,
+                void* const* outputs, float const* anchors, void* workspace, size_t workspace_size,
+                cudaStream_t stream) const;
 
   std::vector<float> anchors_;   // [A, 4], copied to the workspace at each enqueue
   float stride_;
   float score_threshold_;
   int32_t top_n_;
-  int32_t image_size_[2];        // clip boxes to (height, width); 0 = no clip
+  int32_t image_size_[2];        // clip boxes to (height, width); 0 = no clip (or clip_to_input_)
+  int32_t clip_to_input_ = 0;    // 1: clip to input 2's (height, width) at each enqueue; absent in format-1 plans
 };
 
 }  // namespace odtk

@@ -44,8 +44,9 @@ size_t NMSPlugin::workspace_size(nvinfer1::Dims const& input) const {
                    nms_threshold_, detections_, nullptr, nullptr, nullptr, nullptr, 0, nullptr);
 }
 
-void NMSPlugin::run(nvinfer1::Dims const& input, void const* const* inputs, void* const* outputs, void* workspace,
-                    cudaStream_t stream) {
+void NMSPlugin::run(nvinfer1::PluginTensorDesc const* desc, void const* const* inputs, void* const* outputs,
+                    void* workspace, cudaStream_t stream) {
+  nvinfer1::Dims const& input = desc[0].dims;
   cuda::nms(static_cast<int>(input.d[0]), static_cast<float const*>(inputs[0]), static_cast<float const*>(inputs[1]),
             static_cast<float const*>(inputs[2]), static_cast<int>(input.d[1]), nms_threshold_, detections_,
             static_cast<float*>(outputs[0]), static_cast<float*>(outputs[1]), static_cast<float*>(outputs[2]),

@@ -15,12 +15,13 @@ class NMSPlugin : public PluginBase<NMSPlugin> {
   NMSPlugin(float nms_threshold, int32_t detections);
   explicit NMSPlugin(nvinfer1::PluginFieldCollection const* fields);
   static std::vector<nvinfer1::PluginField> field_names();
-  static constexpr int32_t kInputs = 3, kInputDims = 2;
+  static constexpr int32_t kInputDims = 2;
+  int32_t inputs() const { return 3; }
   int32_t outputs_per_image() const { return detections_; }
 
   std::vector<nvinfer1::PluginField> fields();
   size_t workspace_size(nvinfer1::Dims const& input) const;
-  void run(nvinfer1::Dims const& input, void const* const* inputs, void* const* outputs, void* workspace,
+  void run(nvinfer1::PluginTensorDesc const* desc, void const* const* inputs, void* const* outputs, void* workspace,
            cudaStream_t stream);
 
  private:

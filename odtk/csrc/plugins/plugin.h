@@ -27,8 +27,9 @@ std::vector<T> field_values(nvinfer1::PluginFieldCollection const* fields, const
   return {};
 }
 
-// Core/build/runtime capabilities in one object. Derived gives kName, kInputs, kInputDims, outputs_per_image(),
-// fields() (its serialisable members), workspace_size(max input dims) and run() (the kernel launch).
+// Core/build/runtime capabilities in one object. Derived gives kName, kInputDims, inputs() (how many it takes),
+// outputs_per_image(), fields() (its serialisable members), workspace_size(max dims of input 0) and run() (the
+// kernel launch, given every input's descriptor).
 template <typename Derived>
 class PluginBase : public nvinfer1::IPluginV3,
                    public nvinfer1::IPluginV3OneCore,
@@ -78,9 +79,10 @@ class PluginBase : public nvinfer1::IPluginV3,
   int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nb_inputs, nvinfer1::DimsExprs const*, int32_t,
                           nvinfer1::DimsExprs* outputs, int32_t nb_outputs,
                           nvinfer1::IExprBuilder& exprs) noexcept override {
-    if (nb_inputs != Derived::kInputs || nb_outputs != 3 || inputs[0].nbDims != Derived::kInputDims) return -1;
+    auto const& self = static_cast<Derived const&>(*this);
+    if (nb_inputs != self.inputs() || nb_outputs != 3 || inputs[0].nbDims != Derived::kInputDims) return -1;
     auto const* batch = inputs[0].d[0];
-    auto const* count = exprs.constant(static_cast<Derived const&>(*this).outputs_per_image());
+    auto const* count = exprs.constant(self.outputs_per_image());
     outputs[0].nbDims = 2;
     outputs[0].d[0] = batch;
     outputs[0].d[1] = count;
@@ -109,7 +111,7 @@ class PluginBase : public nvinfer1::IPluginV3,
                   void const* const* inputs, void* const* outputs, void* workspace,
                   cudaStream_t stream) noexcept override {
     try {   // the kernels throw on CUDA errors; TensorRT wants a status
-      static_cast<Derived&>(*this).run(input_desc[0].dims, inputs, outputs, workspace, stream);
+      static_cast<Derived&>(*this).run(input_desc, inputs, outputs, workspace, stream);
       return 0;
     } catch (...) {
       return -1;
