@@ -1,7 +1,8 @@
 // Runs an odtk .plan on one image and prints its detections (original pixels, the dataset's category ids):
 //   infer model.plan image.jpg
-// Preprocessing as odtk infer: scale to fit the engine's input, RGB, /255, mean/std from the plan's metadata,
-// pad bottom/right with zeros.
+// Preprocessing as odtk infer: scale to fit the engine's input (a dynamic-size engine: shorter side to the
+// metadata's resize, longer capped by max_size, as a .pth), RGB, /255, mean/std from the plan's metadata, pad
+// bottom/right with zeros (a dynamic-size engine: to a multiple of size_divisible, at least the profile's min).
 #include <cuda_runtime_api.h>
 #include <opencv2/core.hpp>
 #include <opencv2/imgcodecs.hpp>
@@ -59,6 +60,17 @@ std::vector<double> json_numbers(const std::string& json, const std::string& key
   return values;
 }
 
+// The number under "key" in odtk's flat metadata object, or `fallback`.
+double json_number(const std::string& json, const std::string& key, double fallback) {
+  size_t pos = json.find("\"" + key + "\"");
+  if (pos == std::string::npos || (pos = json.find(':', pos)) == std::string::npos) return fallback;
+  char* end = nullptr;
+  double value = std::strtod(json.c_str() + pos + 1, &end);
+  return end == json.c_str() + pos + 1 ? fallback : value;
+}
+
+int round_up(int side, int multiple) { return (side + multiple - 1) / multiple * multiple; }
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -68,7 +80,6 @@ int main(int argc, char** argv) {
   }
   try {
     odtk::Engine engine(argv[1]);
-    const auto size = engine.input_size();
     const std::string meta = engine.metadata();
     auto mean = json_numbers(meta, "mean"), std_dev = json_numbers(meta, "std");
     auto category_ids = json_numbers(meta, "category_ids");
@@ -76,7 +87,18 @@ int main(int argc, char** argv) {
 
     cv::Mat image = cv::imread(argv[2], cv::IMREAD_COLOR);
     if (image.empty()) throw std::runtime_error(std::string(argv[2]) + ": cannot read the image");
-    const double ratio = std::min(double(size[0]) / image.rows, double(size[1]) / image.cols);
+    std::vector<int> size = engine.input_size();
+    double ratio = std::min(double(size[0]) / image.rows, double(size[1]) / image.cols);
+    if (engine.dynamic_size()) {   // odtk.data.resize_ratio, then the padded size the profile takes
+      const double resize = json_number(meta, "resize", 800), max_size = json_number(meta, "max_size", 1333);
+      const int divisible = int(json_number(meta, "size_divisible", 32));
+      ratio = resize / std::min(image.rows, image.cols);
+      if (ratio * std::max(image.rows, image.cols) > max_size) ratio = max_size / std::max(image.rows, image.cols);
+      const auto profile = engine.size_profile();
+      for (int k = 0; k < 2; ++k)
+        size[k] = std::max(profile[0][k], round_up(int(std::lround((k ? image.cols : image.rows) * ratio)),
+                                                   divisible));
+    }
     const int h = std::min(size[0], std::max(1, int(std::lround(image.rows * ratio))));
     const int w = std::min(size[1], std::max(1, int(std::lround(image.cols * ratio))));
     cv::Mat resized, rgb;
@@ -96,7 +118,7 @@ int main(int argc, char** argv) {
     cudaStream_t stream;
     check(cudaStreamCreate(&stream));
     check(cudaMemcpyAsync(d_input.data, input.data(), input.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
-    engine.infer(1, d_input.data, d_scores.data, d_boxes.data, d_classes.data, stream);
+    engine.infer(1, size[0], size[1], d_input.data, d_scores.data, d_boxes.data, d_classes.data, stream);
     std::vector<float> scores(detections), boxes(4 * size_t(detections)), classes(detections);
     for (auto [host, device] : {std::pair{&scores, &d_scores}, std::pair{&boxes, &d_boxes},
                                 std::pair{&classes, &d_classes}})

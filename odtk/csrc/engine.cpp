@@ -20,7 +20,12 @@ namespace odtk {
 namespace {
 
 constexpr char kMagic[8] = {'O', 'D', 'T', 'K', 'P', 'L', 'A', 'N'};
-constexpr uint32_t kFormat = 1;
+// Header layout (little-endian, read again by odtk/info.py: keep both in step), after the magic:
+//   format 1: uint32 format, uint32 stride, uint64 metadata length, metadata
+//   format 2: uint32 format, uint32 stride, uint32 dynamic (0/1), uint32 x 6 size profile (min height, width,
+//             opt height, width, max height, width), uint64 metadata length, metadata
+// Format 1 plans (fixed-size, written before dynamic sizes) still load.
+constexpr uint32_t kFormat = 2;
 constexpr char kInput[] = "input_1";
 const char* const kOutputs[] = {"scores", "boxes", "classes"};
 
@@ -38,7 +43,22 @@ T read(const std::string& in, size_t& pos) {
   return value;
 }
 
-nvinfer1::Dims4 input_dims(int batch, int height, int width) { return nvinfer1::Dims4(batch, 3, height, width); }
+nvinfer1::Dims4 input_dims(int batch, InputSize size) { return nvinfer1::Dims4(batch, 3, size.height, size.width); }
+
+std::string shape_text(InputSize size) { return std::to_string(size.height) + "x" + std::to_string(size.width); }
+
+// `size` no larger than `bound` in height and width.
+bool fits(InputSize size, InputSize bound) { return size.height <= bound.height && size.width <= bound.width; }
+
+// The build's size profile, checked: positive and ordered; one size when fixed.
+void check_profile(const BuildOptions& o) {
+  if (!(o.min_size.height > 0 && o.min_size.width > 0 && fits(o.min_size, o.opt_size) &&
+        fits(o.opt_size, o.max_size)))
+    throw std::invalid_argument("size profile " + shape_text(o.min_size) + ", " + shape_text(o.opt_size) + ", " +
+                                shape_text(o.max_size) + ": need 0 < min <= opt <= max in height and width");
+  if (!o.dynamic_size && !(fits(o.max_size, o.min_size)))
+    throw std::invalid_argument("a fixed-size engine takes one input size: min = opt = max");
+}
 
 }  // namespace
 
@@ -69,6 +89,7 @@ Engine::Engine(const std::string& onnx, const BuildOptions& options)
     throw std::invalid_argument("one anchor set per stride needed");
   if (!(0 < options.min_batch && options.min_batch <= options.opt_batch && options.opt_batch <= options.max_batch))
     throw std::invalid_argument("batch profile needs 0 < min <= opt <= max");
+  check_profile(options);
   std::unique_ptr<nvinfer1::IBuilder> builder(nvinfer1::createInferBuilder(*logger_));
   if (!builder) throw std::runtime_error("TensorRT builder: " + logger_->take_errors());
   // Explicit batch is the only mode since TensorRT 10; in 11 every network is strongly typed, so the precision
@@ -81,7 +102,18 @@ Engine::Engine(const std::string& onnx, const BuildOptions& options)
     throw std::runtime_error("TensorRT ONNX parser: " + errors);
   }
 
-  // score_1..L, box_1..L -> per-level decode -> concatenation -> NMS -> scores, boxes, classes
+  // score_1..L, box_1..L -> per-level decode -> concatenation -> NMS -> scores, boxes, classes. A dynamic-size
+  // engine's decode also takes input_1 (its shape only): boxes clip to each call's input size.
+  nvinfer1::ITensor* image = network->getNbInputs() == 1 ? network->getInput(0) : nullptr;
+  if (!image || std::strcmp(image->getName(), kInput) != 0)
+    throw std::runtime_error(std::string("the ONNX must have one input, ") + kInput + " (an odtk raw-heads export)");
+  const auto dims = image->getDimensions();
+  const bool symbolic = dims.nbDims == 4 && dims.d[2] < 0 && dims.d[3] < 0;
+  if (dims.nbDims != 4 || symbolic != options.dynamic_size)
+    throw std::runtime_error(options.dynamic_size ? "a dynamic-size engine needs an ONNX with symbolic height and "
+                                                    "width (export --raw-heads --dynamic-size)"
+                                                  : "the ONNX input has no fixed height and width: build with "
+                                                    "dynamic_size and a size profile");
   const size_t levels = options.strides.size();
   if (static_cast<size_t>(network->getNbOutputs()) != 2 * levels)
     throw std::runtime_error("the ONNX has " + std::to_string(network->getNbOutputs()) + " outputs, expected " +
@@ -101,11 +133,13 @@ Engine::Engine(const std::string& onnx, const BuildOptions& options)
 
   std::vector<std::unique_ptr<nvinfer1::IPluginV3>> plugins;   // must outlive the build
   std::vector<nvinfer1::ITensor*> per_level[3];
+  const bool dynamic = options.dynamic_size;
   for (size_t l = 0; l < levels; ++l) {
     plugins.emplace_back(new DecodePlugin(options.anchors[l], options.strides[l], options.score_threshold,
-                                          options.top_n, options.height, options.width));
-    nvinfer1::ITensor* inputs[] = {heads[l], heads[levels + l]};
-    auto* layer = network->addPluginV3(inputs, 2, nullptr, 0, *plugins.back());
+                                          options.top_n, dynamic ? 0 : options.opt_size.height,
+                                          dynamic ? 0 : options.opt_size.width, dynamic));
+    nvinfer1::ITensor* inputs[] = {heads[l], heads[levels + l], image};
+    auto* layer = network->addPluginV3(inputs, dynamic ? 3 : 2, nullptr, 0, *plugins.back());
     if (!layer) throw std::runtime_error("cannot add the decode plugin: " + logger_->take_errors());
     layer->setName(("decode_" + std::to_string(l + 1)).c_str());
     for (int k = 0; k < 3; ++k) per_level[k].push_back(layer->getOutput(k));
@@ -132,17 +166,20 @@ Engine::Engine(const std::string& onnx, const BuildOptions& options)
   if (options.int8) config->setFlag(nvinfer1::BuilderFlag::kINT8);   // Q/DQ only: no calibrator is set
 #endif
   auto* profile = builder->createOptimizationProfile();
-  profile->setDimensions(kInput, nvinfer1::OptProfileSelector::kMIN,
-                         input_dims(options.min_batch, options.height, options.width));
-  profile->setDimensions(kInput, nvinfer1::OptProfileSelector::kOPT,
-                         input_dims(options.opt_batch, options.height, options.width));
-  profile->setDimensions(kInput, nvinfer1::OptProfileSelector::kMAX,
-                         input_dims(options.max_batch, options.height, options.width));
-  config->addOptimizationProfile(profile);
+  // batch and, for a dynamic-size engine, height and width; TensorRT refuses a fixed ONNX size outside the profile
+  bool ok = profile->setDimensions(kInput, nvinfer1::OptProfileSelector::kMIN,
+                                   input_dims(options.min_batch, options.min_size));
+  ok = profile->setDimensions(kInput, nvinfer1::OptProfileSelector::kOPT,
+                              input_dims(options.opt_batch, options.opt_size)) && ok;
+  ok = profile->setDimensions(kInput, nvinfer1::OptProfileSelector::kMAX,
+                              input_dims(options.max_batch, options.max_size)) && ok;
+  if (!ok || config->addOptimizationProfile(profile) < 0)
+    throw std::runtime_error("TensorRT rejects the optimisation profile: " + logger_->take_errors());
 
   std::unique_ptr<nvinfer1::IHostMemory> serialized(builder->buildSerializedNetwork(*network, *config));
   if (!serialized) throw std::runtime_error("TensorRT build failed: " + logger_->take_errors());
   stride_ = static_cast<int>(*std::max_element(options.strides.begin(), options.strides.end()));
+  dynamic_ = options.dynamic_size;
   deserialize(serialized->data(), serialized->size());
 }
 
@@ -154,8 +191,15 @@ Engine::Engine(const std::string& plan_path, bool verbose) : logger_(std::make_u
   if (data.size() < sizeof(kMagic) || std::memcmp(data.data(), kMagic, sizeof(kMagic)) != 0)
     throw std::runtime_error(plan_path + ": not an odtk plan (export it with odtk export model.pth model.plan)");
   size_t pos = sizeof(kMagic);
-  if (read<uint32_t>(data, pos) != kFormat) throw std::runtime_error(plan_path + ": unknown odtk plan format");
+  const auto format = read<uint32_t>(data, pos);
+  if (format != 1 && format != kFormat)
+    throw std::runtime_error(plan_path + ": odtk plan format " + std::to_string(format) + ", this odtk reads 1 to " +
+                             std::to_string(kFormat) + " (export the plan again)");
   stride_ = static_cast<int>(read<uint32_t>(data, pos));
+  if (format >= 2) {
+    dynamic_ = read<uint32_t>(data, pos) != 0;
+    pos += 6 * sizeof(uint32_t);   // the size profile, for readers without TensorRT: the engine has its own
+  }
   auto length = read<uint64_t>(data, pos);
   if (pos + length > data.size()) throw std::runtime_error(plan_path + ": truncated odtk plan");
   metadata_ = data.substr(pos, length);
@@ -172,6 +216,8 @@ void Engine::deserialize(const void* data, size_t size) {
                                          "GPU?): " + logger_->take_errors());
   context_.reset(engine_->createExecutionContext());
   if (!context_) throw std::runtime_error("TensorRT execution context: " + logger_->take_errors());
+  auto opt = engine_->getProfileShape(kInput, 0, nvinfer1::OptProfileSelector::kOPT);
+  last_ = InputSize{static_cast<int>(opt.d[2]), static_cast<int>(opt.d[3])};
   plan_.assign(static_cast<const char*>(data), size);
 }
 
@@ -179,6 +225,9 @@ void Engine::save(const std::string& path) const {
   std::string header(kMagic, sizeof(kMagic));
   append(header, kFormat);
   append(header, static_cast<uint32_t>(stride_));
+  append(header, static_cast<uint32_t>(dynamic_));
+  for (const auto& size : size_profile())
+    for (int side : size) append(header, static_cast<uint32_t>(side));
   append(header, static_cast<uint64_t>(metadata_.size()));
   header += metadata_;
   std::ofstream file(path, std::ios::binary | std::ios::trunc);   // odtk writes a temp file and renames it
@@ -187,22 +236,36 @@ void Engine::save(const std::string& path) const {
   if (!file) throw std::runtime_error(path + ": cannot write the plan");
 }
 
-void Engine::infer(int batch, const float* input, float* scores, float* boxes, float* classes, cudaStream_t stream) {
-  auto size = input_size();
+void Engine::infer(int batch, int height, int width, const float* input, float* scores, float* boxes,
+                   float* classes, cudaStream_t stream) {
   if (batch < 1 || batch > max_batch())
     throw std::invalid_argument("batch " + std::to_string(batch) + " outside the engine's 1.." +
                                 std::to_string(max_batch()));
-  if (!context_->setInputShape(kInput, input_dims(batch, size[0], size[1])))
+  const auto profile = size_profile();
+  const InputSize size{height, width}, low{profile[0][0], profile[0][1]}, high{profile[2][0], profile[2][1]};
+  if (!fits(low, size) || !fits(size, high))
+    throw std::invalid_argument("input " + shape_text(size) + " outside the engine's " +
+                                (dynamic_ ? "size profile " + shape_text(low) + " to " + shape_text(high)
+                                          : "input size " + shape_text(low)));
+  if (!context_->setInputShape(kInput, input_dims(batch, size)))
     throw std::runtime_error("TensorRT rejects the input shape: " + logger_->take_errors());
+  last_ = size;
   void* buffers[] = {scores, boxes, classes};
   bool ok = context_->setTensorAddress(kInput, const_cast<float*>(input));
   for (int k = 0; k < 3; ++k) ok = context_->setTensorAddress(kOutputs[k], buffers[k]) && ok;
   if (!ok || !context_->enqueueV3(stream)) throw std::runtime_error("TensorRT inference: " + logger_->take_errors());
 }
 
-std::vector<int> Engine::input_size() const {
-  auto dims = engine_->getTensorShape(kInput);
-  return {static_cast<int>(dims.d[2]), static_cast<int>(dims.d[3])};
+std::vector<int> Engine::input_size() const { return {last_.height, last_.width}; }
+
+std::vector<std::vector<int>> Engine::size_profile() const {
+  std::vector<std::vector<int>> sizes;
+  for (auto selector : {nvinfer1::OptProfileSelector::kMIN, nvinfer1::OptProfileSelector::kOPT,
+                        nvinfer1::OptProfileSelector::kMAX}) {
+    auto dims = engine_->getProfileShape(kInput, 0, selector);
+    sizes.push_back({static_cast<int>(dims.d[2]), static_cast<int>(dims.d[3])});
+  }
+  return sizes;
 }
 
 int Engine::max_batch() const {

@@ -1,5 +1,6 @@
 // Engine: a TensorRT engine of an odtk raw-heads ONNX with the decode and NMS plugins appended, so it maps
-// a normalised image batch input_1 [B, 3, H, W] to scores [B, D], boxes [B, D, 4], classes [B, D].
+// a normalised image batch input_1 [B, 3, H, W] to scores [B, D], boxes [B, D, 4], classes [B, D]. H and W are
+// fixed, or, for a dynamic-size engine, any multiple of the stride within its optimisation profile.
 // Plain C++ (TensorRT + CUDA runtime): used by the Python extension and by extras/cppapi.
 #pragma once
 
@@ -18,8 +19,15 @@ class IRuntime;
 
 namespace odtk {
 
+struct InputSize {
+  int height = 0, width = 0;
+};
+
 struct BuildOptions {
-  int height = 0, width = 0;                 // input size of the ONNX graph
+  // The input's (height, width) profile. Fixed-size: the ONNX graph's own size, min = opt = max. Dynamic-size (an
+  // ONNX with symbolic height and width): any size from min to max, tuned for opt.
+  InputSize min_size, opt_size, max_size;
+  bool dynamic_size = false;
   std::vector<std::vector<float>> anchors;   // per level: cell anchors [A * 4] (odtk.box.generate_anchors)
   std::vector<float> strides;                // per level
   float score_threshold = 0.05f;
@@ -44,12 +52,19 @@ class Engine {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  // Writes the plan: a small odtk header (magic, stride, metadata) then TensorRT's serialised engine.
+  // Writes the plan: a small odtk header (magic, format, stride, dynamic flag, size profile, metadata) then
+  // TensorRT's serialised engine.
   void save(const std::string& path) const;
-  // input: device [batch, 3, H, W] float32; outputs: device buffers of [batch, D], [batch, D, 4], [batch, D].
-  void infer(int batch, const float* input, float* scores, float* boxes, float* classes, cudaStream_t stream);
+  // input: device [batch, 3, height, width] float32 (a fixed-size engine's own size; a dynamic-size engine's within
+  // its profile: std::invalid_argument otherwise); outputs: device buffers of [batch, D], [batch, D, 4], [batch, D].
+  void infer(int batch, int height, int width, const float* input, float* scores, float* boxes, float* classes,
+             cudaStream_t stream);
 
-  std::vector<int> input_size() const;    // {height, width}
+  // {height, width}: a fixed-size engine's; a dynamic-size engine's of the last infer() (the profile's opt before)
+  std::vector<int> input_size() const;
+  bool dynamic_size() const { return dynamic_; }
+  // {{min height, width}, {opt height, width}, {max height, width}}: one size three times when fixed
+  std::vector<std::vector<int>> size_profile() const;
   int stride() const { return stride_; }  // largest level stride: inputs are padded to a multiple of it
   int max_batch() const;
   int max_detections() const;
@@ -67,6 +82,8 @@ class Engine {
   std::string plan_;                      // TensorRT's serialised engine
   std::string metadata_;
   int stride_ = 0;
+  bool dynamic_ = false;
+  InputSize last_;                        // a dynamic-size engine's input of the last infer()
 };
 
 }  // namespace odtk

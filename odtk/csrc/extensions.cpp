@@ -90,15 +90,18 @@ std::vector<at::Tensor> nms(at::Tensor scores, at::Tensor boxes, at::Tensor clas
 }
 
 #ifdef ODTK_WITH_TENSORRT
-std::unique_ptr<odtk::Engine> build_engine(py::bytes onnx, int height, int width,
+std::unique_ptr<odtk::Engine> build_engine(py::bytes onnx, std::vector<std::vector<int>> size_opts, bool dynamic_size,
                                            std::vector<std::vector<float>> anchors, std::vector<float> strides,
                                            float score_threshold, int top_n, float nms_threshold, int detections,
                                            bool fp16, bool int8, std::vector<int> batch_opts, size_t workspace_bytes,
                                            std::string metadata, bool verbose) {
   TORCH_CHECK(batch_opts.size() == 3, "batch_opts must be (min, opt, max)");
+  TORCH_CHECK(size_opts.size() == 3 && size_opts[0].size() == 2 && size_opts[1].size() == 2 &&
+              size_opts[2].size() == 2, "size_opts must be ((height, width) min, opt, max)");
   odtk::BuildOptions options;
-  options.height = height;
-  options.width = width;
+  odtk::InputSize* sizes[] = {&options.min_size, &options.opt_size, &options.max_size};
+  for (int k = 0; k < 3; ++k) *sizes[k] = odtk::InputSize{size_opts[k][0], size_opts[k][1]};
+  options.dynamic_size = dynamic_size;
   options.anchors = std::move(anchors);
   options.strides = std::move(strides);
   options.score_threshold = score_threshold;
@@ -118,18 +121,19 @@ std::unique_ptr<odtk::Engine> build_engine(py::bytes onnx, int height, int width
   return std::make_unique<odtk::Engine>(model, options);
 }
 
+// images [B, 3, H, W]: the engine's size, or for a dynamic-size engine any size in its profile (Engine::infer
+// checks which, and sets TensorRT's input shape to this batch's).
 std::vector<at::Tensor> engine_infer(odtk::Engine& engine, at::Tensor images) {
   check_input(images, "images", 4);
-  auto size = engine.input_size();
-  TORCH_CHECK(images.size(1) == 3 && images.size(2) == size[0] && images.size(3) == size[1], "images must be [B, 3, ",
-              size[0], ", ", size[1], "] (the engine's input size)");
+  TORCH_CHECK(images.size(1) == 3, "images must be [B, 3, H, W]");
   c10::cuda::CUDAGuard guard(images.device());
   images = images.contiguous();
   const int64_t batch = images.size(0), detections = engine.max_detections();
   auto scores = at::empty({batch, detections}, images.options());
   auto boxes = at::empty({batch, detections, 4}, images.options());
   auto classes = at::empty({batch, detections}, images.options());
-  engine.infer(static_cast<int>(batch), images.data_ptr<float>(), scores.data_ptr<float>(), boxes.data_ptr<float>(),
+  engine.infer(static_cast<int>(batch), static_cast<int>(images.size(2)), static_cast<int>(images.size(3)),
+               images.data_ptr<float>(), scores.data_ptr<float>(), boxes.data_ptr<float>(),
                classes.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
   return {scores, boxes, classes};
 }
@@ -149,8 +153,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef ODTK_WITH_TENSORRT
   m.attr("tensorrt_version") = odtk::Engine::version();
   py::class_<odtk::Engine>(m, "Engine", "TensorRT engine: raw-heads network + odtk decode/NMS plugins")
-      .def_static("build", &build_engine, "Build from raw-heads ONNX bytes", py::arg("onnx"), py::arg("height"),
-                  py::arg("width"), py::arg("anchors"), py::arg("strides"), py::arg("score_threshold"),
+      .def_static("build", &build_engine, "Build from raw-heads ONNX bytes; size_opts: (height, width) min, opt, "
+                  "max (three equal for a fixed-size ONNX)", py::arg("onnx"), py::arg("size_opts"),
+                  py::arg("dynamic_size"), py::arg("anchors"), py::arg("strides"), py::arg("score_threshold"),
                   py::arg("top_n"), py::arg("nms_threshold"), py::arg("detections"), py::arg("fp16"),
                   py::arg("int8"), py::arg("batch_opts"), py::arg("workspace_bytes") = size_t(1) << 30,
                   py::arg("metadata") = "", py::arg("verbose") = false)
@@ -160,7 +165,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("save", &odtk::Engine::save, py::arg("path"))
       .def("infer", &engine_infer, "images [B,3,H,W] CUDA float32 -> scores [B,D], boxes [B,D,4], classes [B,D]",
            py::arg("images"))
-      .def_property_readonly("input_size", &odtk::Engine::input_size)
+      .def_property_readonly("input_size", &odtk::Engine::input_size,
+                             "(height, width): fixed, or a dynamic-size engine's of the last infer")
+      .def_property_readonly("dynamic_size", &odtk::Engine::dynamic_size)
+      .def_property_readonly("size_profile", &odtk::Engine::size_profile,
+                             "((height, width) min, opt, max) of the input")
       .def_property_readonly("stride", &odtk::Engine::stride)
       .def_property_readonly("max_batch", &odtk::Engine::max_batch)
       .def_property_readonly("max_detections", &odtk::Engine::max_detections)
