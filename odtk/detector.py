@@ -106,6 +106,9 @@ class Backend:
     defaults: Thresholds
     resize: int = 800
     max_size: int = 1333
+    # batch portrait and landscape images apart (a dynamic-size TensorRT engine runs at each batch's padded size:
+    # a mixed batch would pay for a near-square one)
+    group_shapes: bool = False
 
     def __call__(self, images: Tensor, limits: Thresholds) -> Outputs:
         raise NotImplementedError
@@ -189,7 +192,6 @@ class OnnxBackend(Backend):
         self.session = onnx_session(path)
         _describe(self, meta)
         self.fit = None if meta.get("dynamic") else tuple(meta["size"])
-        self.resize, self.max_size = meta.get("resize", self.resize), meta.get("max_size", self.max_size)
         self.kind = f"ONNX Runtime {self.session.get_providers()[0]}{' INT8' if meta.get('int8') else ''}"
 
     def __call__(self, images: Tensor, limits: Thresholds) -> Outputs:
@@ -198,7 +200,10 @@ class OnnxBackend(Backend):
 
 
 class PlanBackend(Backend):
-    """A TensorRT engine (odtk._C.Engine with odtk's decode/NMS plugins), CUDA only."""
+    """A TensorRT engine (odtk._C.Engine with odtk's decode/NMS plugins), CUDA only. A fixed-size engine fits
+    every image into its size; a dynamic-size one (export --dynamic-size) takes each image resized as a .pth is,
+    by its metadata's resize/max_size unless the caller gives them, each batch padded to at least the smallest
+    input of its size profile."""
     kind = "TensorRT"
 
     def __init__(self, engine, *, device: Union[str, torch.device] = "cuda"):
@@ -206,7 +211,11 @@ class PlanBackend(Backend):
         self.engine, self.device = engine, torch.device(device)
         meta = json.loads(engine.metadata)
         _describe(self, meta)
-        self.fit, self.max_batch = tuple(engine.input_size), engine.max_batch
+        self.max_batch = engine.max_batch
+        self.dynamic = bool(engine.dynamic_size)
+        low, _, high = (tuple(size) for size in engine.size_profile)
+        self.smallest, self.largest = low, high
+        self.fit, self.group_shapes = (None, True) if self.dynamic else (tuple(engine.input_size), False)
         self.kind = f"TensorRT {meta.get('precision', '')}".strip()
 
     @classmethod
@@ -220,7 +229,20 @@ class PlanBackend(Backend):
         except RuntimeError as e:
             raise OdtkError(f"{path}: {str(e).splitlines()[0][:300]}") from None
 
+    def fitted(self, images: Tensor) -> Tensor:
+        """A dynamic-size engine's batch, padded (zeros, bottom/right, as collate pads) up to the profile's min;
+        one larger than its max is refused in one line."""
+        h, w = images.shape[-2:]
+        if h > self.largest[0] or w > self.largest[1]:
+            raise OdtkError(f"a {h}x{w} batch is larger than this engine's largest input, "
+                            f"{self.largest[0]}x{self.largest[1]}: infer with --max-size {min(self.largest)} or "
+                            f"less, or export with a larger --dynamic-size-opts MAX")
+        pad_h, pad_w = max(0, self.smallest[0] - h), max(0, self.smallest[1] - w)
+        return torch.nn.functional.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+
     def __call__(self, images: Tensor, limits: Thresholds) -> Outputs:
+        if self.dynamic:
+            images = self.fitted(images)
         scores, boxes, classes = self.engine.infer(images.to(self.device, non_blocking=True).contiguous())
         return _tighten((scores.cpu(), boxes.cpu(), classes.long().cpu()), limits, self.defaults)
 
@@ -247,6 +269,8 @@ def _describe(backend: Backend, meta: dict) -> None:
     backend.mean, backend.std = meta["mean"], meta["std"]
     backend.size_divisible = meta.get("size_divisible", 32)
     backend.defaults = Thresholds(meta.get("threshold", 0.05), meta.get("nms", 0.5), meta.get("detections", 100))
+    # a dynamic-size model's resize (what it was trained at); a fixed-size one fits images into its size instead
+    backend.resize, backend.max_size = meta.get("resize", backend.resize), meta.get("max_size", backend.max_size)
 
 
 # -- inputs -----------------------------------------------------------------------------------------------------
@@ -334,6 +358,16 @@ def to_uint8(image: ImageInput) -> Tensor:
     elif image.dtype != torch.uint8:
         raise OdtkError(f"tensor of dtype {image.dtype}: use uint8 (0-255) or float (0-1)")
     return image.cpu().expand(3, -1, -1).contiguous()
+
+
+def shape_groups(sizes: Sequence[Tuple[int, int]], group: bool) -> List[List[int]]:
+    """The indices of `sizes` (height, width) batched together: all at once, or with `group` the landscape (and
+    square) ones apart from the portrait ones, so neither is padded to the other's shape; input order within."""
+    if not group:
+        return [list(range(len(sizes)))]
+    portrait = [h > w for h, w in sizes]
+    return [idx for idx in ([i for i, p in enumerate(portrait) if not p], [i for i, p in enumerate(portrait) if p])
+            if idx]
 
 
 def prepare(image: Tensor, *, resize: int, max_size: int, fit: Optional[Tuple[int, int]], mean: Sequence[float],
@@ -433,13 +467,16 @@ class Detector:
             chunk = list(itertools.islice(stream, batch_size))
             if not chunk:
                 return
-            pixels = [x for x, _, _, _ in chunk]
             prepared = [prepare(x, resize=resize, max_size=max_size, fit=b.fit, mean=b.mean, std=b.std)
-                        for x in pixels]
-            batch = collate([(x, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), i, ratio)
-                             for i, (x, ratio) in enumerate(prepared)], b.size_divisible, b.fit)
-            sizes = [tuple(x.shape[1:]) for x in pixels]
-            found = self.detect_batch(batch[0], batch[4], sizes, sources=[s for _, s, _, _ in chunk], **limits)
+                        for x, _, _, _ in chunk]
+            found: List[Optional[Detections]] = [None] * len(chunk)
+            for group in shape_groups([tuple(x.shape[1:]) for x, _ in prepared], b.group_shapes):
+                batch = collate([(prepared[i][0], torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), i,
+                                  prepared[i][1]) for i in group], b.size_divisible, b.fit)
+                results = self.detect_batch(batch[0], batch[4], [tuple(chunk[i][0].shape[1:]) for i in group],
+                                            sources=[chunk[i][1] for i in group], **limits)
+                for i, f in zip(group, results):
+                    found[i] = f
             for (x, _, frame, time), f in zip(chunk, found):
                 f.frame, f.time = frame, time
                 yield x, f

@@ -2,16 +2,17 @@
 plans (raw heads + odtk._C's decode/NMS plugins).
 
 Both graphs take a normalised, padded float image batch `input_1` [B, 3, H, W] with a dynamic batch, and a fixed
-H, W (--size) or, with --dynamic-size (ONNX only), symbolic ones: any multiple of size_divisible, so ONNX Runtime
-sees each image resized as `odtk infer model.pth` does. Preprocessing and classes travel in the model's metadata
-under the key "odtk".
+H, W (--size) or, with --dynamic-size, symbolic ones: any multiple of size_divisible, so ONNX Runtime sees each
+image resized as `odtk infer model.pth` does. A --dynamic-size plan takes H and W within its optimisation profile
+(--dynamic-size-opts). Preprocessing and classes travel in the model's metadata under the key "odtk".
 """
 import json
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,11 @@ from .fuse import fused_copy
 from .model import Model
 from .onnx_meta import metadata, read_metadata, set_metadata  # noqa: F401  (read_metadata: odtk.export's API)
 from .progress import progress
-from .utils import OdtkError, atomic_path, log
+from .utils import OdtkError, atomic_path, log, padded
+
+Size = Tuple[int, int]                      # (height, width)
+SizeOpt = Union[int, str, Sequence[int]]    # one --dynamic-size-opts entry: 640, "512x896" or (512, 896)
+SIZE_OPT = re.compile(r"(\d+)(?:x(\d+))?")
 
 
 @dataclass
@@ -43,9 +48,11 @@ class ExportConfig:
     dynamic_batch_opts: Optional[Tuple[int, int, int]] = None
     device: str = "auto"             # cpu refuses a .plan; ONNX is traced on the CPU either way
     verbose: bool = False
-    dynamic_size: bool = False       # symbolic input height and width (ONNX only); `size` is then the trace size
+    dynamic_size: bool = False       # symbolic input height and width; ONNX: `size` is then the trace size
     resize: Optional[int] = None     # a dynamic graph's inference resize; default: the checkpoint's training values
     max_size: Optional[int] = None
+    # a --dynamic-size plan's (min, opt, max) input size, each a side (square) or "HxW"; default: size_profile's
+    dynamic_size_opts: Optional[Tuple[SizeOpt, SizeOpt, SizeOpt]] = None
 
     def __post_init__(self) -> None:
         check_export(self)
@@ -54,6 +61,39 @@ class ExportConfig:
         if (self.resize or self.max_size) and not self.dynamic_size:
             raise OdtkError("--resize/--max-size set how a --dynamic-size graph's images are resized; a fixed-size "
                             "graph fits them into --size: add --dynamic-size or drop them")
+        if self.dynamic_size_opts is not None:
+            if not self.output.lower().endswith(".plan"):
+                raise OdtkError(f"{self.output}: --dynamic-size-opts is a TensorRT (.plan) profile; a --dynamic-size "
+                                f"ONNX takes any size: drop it")
+            if not self.dynamic_size:
+                raise OdtkError("--dynamic-size-opts sets the input sizes a --dynamic-size plan takes: add "
+                                "--dynamic-size (or drop it for a fixed --size plan)")
+            self.dynamic_size_opts = parse_size_opts(self.dynamic_size_opts)
+
+
+def parse_size_opts(values: Sequence[SizeOpt]) -> Tuple[Size, Size, Size]:
+    """--dynamic-size-opts MIN OPT MAX -> three (height, width), each given as a side (square), "HEIGHTxWIDTH" or
+    a pair; positive and ordered (multiples of the stride are checked with the model, in size_profile)."""
+    if isinstance(values, str):
+        values = values.split()
+    shown = " ".join("x".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v) for v in values)
+    sizes = []
+    for value in values:
+        match = SIZE_OPT.fullmatch(value.strip().lower()) if isinstance(value, str) else None
+        if match:
+            sizes.append((int(match[1]), int(match[2] or match[1])))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            sizes.append((value, value))
+        elif isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+            sizes.append((value[0], value[1]))
+    if len(sizes) != 3 or len(values) != 3:
+        raise OdtkError(f"--dynamic-size-opts {shown}: give three sizes MIN OPT MAX, each a side (square) or "
+                        f"HEIGHTxWIDTH, e.g. 128 800x1344 1344")
+    if min(min(size) for size in sizes) < 1:
+        raise OdtkError(f"--dynamic-size-opts {shown}: sizes must be positive")
+    if not all(a <= b for low, high in zip(sizes, sizes[1:]) for a, b in zip(low, high)):
+        raise OdtkError(f"--dynamic-size-opts {shown}: need MIN <= OPT <= MAX in height and in width")
+    return tuple(sizes)
 
 
 def export_size(size: Sequence[int], divisible: int) -> Tuple[int, int]:
@@ -382,35 +422,59 @@ def batch_profile(cfg: ExportConfig) -> Tuple[int, int, int]:
     return opts
 
 
+def size_profile(cfg: ExportConfig, divisible: int, preprocess: Tuple[int, int]) -> Tuple[Size, Size, Size]:
+    """A --dynamic-size plan's (min, opt, max) input (height, width): --dynamic-size-opts, each side a multiple of
+    `divisible`, else what inference at (resize, max_size) `preprocess` gives: from one stride up to the padded
+    max_size square (resized images never exceed max_size on either side), tuned for a landscape image at the
+    resize (the size `odtk info` counts GFLOPs at)."""
+    if cfg.dynamic_size_opts is None:
+        resize, max_size = preprocess
+        top = padded(max_size, divisible)
+        return (divisible, divisible), (padded(min(resize, max_size), divisible), top), (top, top)
+    opts = cfg.dynamic_size_opts
+    if any(side % divisible for size in opts for side in size):
+        raise OdtkError(f"--dynamic-size-opts {' '.join(f'{h}x{w}' for h, w in opts)}: each side must be a multiple "
+                        f"of {divisible} (the model's size_divisible: inputs are padded to it)")
+    return opts
+
+
 def export_plan(cfg: ExportConfig) -> None:
     """Raw-heads ONNX (FP16 network unless --full-precision; the Q/DQ INT8 graph with --int8) -> odtk._C.Engine
-    with the decode/NMS plugins -> plan, written to a temp file and renamed."""
+    with the decode/NMS plugins -> plan, written to a temp file and renamed. --dynamic-size: the ONNX has symbolic
+    height and width, and the engine takes any within size_profile (traced at its opt)."""
     from .extension import engine_class
-    if cfg.dynamic_size:   # the decode plugin clips to the build size, and Engine feeds that one size
-        raise OdtkError(f"{cfg.output}: --dynamic-size is for ONNX (ONNX Runtime, or a raw-heads .onnx for your own "
-                        f"TensorRT build); odtk's .plan engines are fixed-size: drop --dynamic-size and set --size")
     engine = engine_class()   # fail in one line before minutes of work when TensorRT is absent
     opts = batch_profile(cfg)
-    model, _ = Model.load(cfg.model)
-    size = export_size(cfg.size, model.config.size_divisible)
+    model, state = Model.load(cfg.model)
     mc = model.config
+    preprocess = preprocess_sizes(cfg, state)
+    if cfg.dynamic_size:
+        sizes = size_profile(cfg, mc.size_divisible, preprocess)
+        size = sizes[1]
+        shape = (f"dynamic {'x'.join(map(str, sizes[0]))} to {'x'.join(map(str, sizes[2]))}, tuned for "
+                 f"{size[0]}x{size[1]}; inference resizes to {preprocess[0]}, max {preprocess[1]}")
+    else:
+        size = export_size(cfg.size, mc.size_divisible)
+        sizes, shape = (size, size, size), f"{size[0]}x{size[1]}"
     fp16 = not cfg.full_precision and not cfg.int8
     precision = "INT8" if cfg.int8 else "FP16" if fp16 else "FP32"
-    log.info(f"exporting {cfg.model} -> {cfg.output} (TensorRT {precision}, {size[0]}x{size[1]}, batch "
+    log.info(f"exporting {cfg.model} -> {cfg.output} (TensorRT {precision}, {shape}, batch "
              f"{opts[0]}/{opts[1]}/{opts[2]})")
-    meta = metadata(model, size, "plan")
+    meta = metadata(model, size, "plan", dynamic=cfg.dynamic_size, preprocess=preprocess)
     meta.update(top_n=mc.top_n, precision=precision)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = os.path.join(tmp, "raw.onnx")
         if cfg.int8:
-            export(replace(cfg, output=onnx_path, raw_heads=True))
+            export(replace(cfg, output=onnx_path, raw_heads=True, size=size, dynamic_size_opts=None))
         else:
-            export_onnx(model, onnx_path, size=size, raw_heads=True, batch=opts[1], opset=cfg.opset, half=fp16)
+            export_onnx(model, onnx_path, size=size, raw_heads=True, batch=opts[1], opset=cfg.opset, half=fp16,
+                        dynamic=cfg.dynamic_size, preprocess=preprocess)
         with open(onnx_path, "rb") as f:
             onnx_bytes = f.read()
         anchors = [cell.flatten().tolist() for cell in model.cell_anchors]
         try:
-            built = engine.build(onnx_bytes, height=size[0], width=size[1], anchors=anchors,
+            built = engine.build(onnx_bytes, size_opts=[list(s) for s in sizes], dynamic_size=cfg.dynamic_size,
+                                 anchors=anchors,
                                  strides=[float(s) for s in model.strides], score_threshold=mc.threshold,
                                  top_n=mc.top_n, nms_threshold=mc.nms, detections=mc.detections, fp16=fp16,
                                  int8=cfg.int8, batch_opts=list(opts), metadata=json.dumps(meta),

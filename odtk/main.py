@@ -135,9 +135,13 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--dynamic-batch-opts", type=int, nargs=3, default=None, metavar=("MIN", "OPT", "MAX"),
                    help="TensorRT dynamic batch profile")
     p.add_argument("--dynamic-size", action="store_true",
-                   help="ONNX: any input height and width (multiples of the stride; --size is only the trace size): "
-                        "inference resizes each image by --resize/--max-size as a .pth does, instead of fitting it "
-                        "into --size")
+                   help="any input height and width (multiples of the stride; ONNX: --size is only the trace size; "
+                        ".plan: within --dynamic-size-opts): inference resizes each image by --resize/--max-size as "
+                        "a .pth does, instead of fitting it into --size")
+    p.add_argument("--dynamic-size-opts", nargs=3, default=None, metavar=("MIN", "OPT", "MAX"),
+                   help="--dynamic-size .plan: TensorRT's input size profile, each a side (square) or HEIGHTxWIDTH, "
+                        "multiples of the stride (default: one stride to the --max-size square, tuned for "
+                        "--resize x --max-size)")
     p.add_argument("--resize", type=int, default=None,
                    help="--dynamic-size: shorter side that inference resizes to (default: the checkpoint's training "
                         "--resize)")
@@ -230,7 +234,8 @@ def run(args: argparse.Namespace) -> None:
                             int8=args.int8, calibration_images=args.calibration_images,
                             calibration_batches=args.calibration_batches, calibration_table=args.calibration_table,
                             dynamic_batch_opts=args.dynamic_batch_opts, device=args.device, verbose=args.verbose,
-                            dynamic_size=args.dynamic_size, resize=args.resize, max_size=args.max_size))
+                            dynamic_size=args.dynamic_size, resize=args.resize, max_size=args.max_size,
+                            dynamic_size_opts=args.dynamic_size_opts))
     elif args.command == "benchmark":
         from .benchmark import BenchmarkConfig, benchmark, benchmark_table
         rows = benchmark(BenchmarkConfig(model=args.model, images=args.images, annotations=args.annotations,

@@ -115,6 +115,11 @@ def atomic_write_text(text: str, path: str) -> None:
         f.write(text)
 
 
+def padded(side: int, divisible: int) -> int:
+    """`side` rounded up to a multiple of `divisible` (how the loaders pad an image)."""
+    return -(-side // divisible) * divisible
+
+
 def cpu_threads() -> int:
     """Cores this process may use (affinity-aware)."""
     try:

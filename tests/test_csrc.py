@@ -8,8 +8,8 @@ import torch
 
 from odtk import box as box_ops
 from odtk import extension
-from odtk.export import ExportConfig, batch_profile
-from odtk.detector import PlanBackend, Thresholds
+from odtk.export import ExportConfig, batch_profile, size_profile
+from odtk.detector import Detector, PlanBackend, Thresholds
 from odtk.main import main
 from odtk.model import Model, ModelConfig
 from odtk.utils import OdtkError
@@ -82,7 +82,7 @@ def test_plan_export_passes_the_model_to_the_engine(flags, precision, small_mode
     built = FakeEngine.built
     model, _ = Model.load(small_model)
     mc = model.config
-    assert (built["height"], built["width"]) == (128, 160)
+    assert built["size_opts"] == [[128, 160]] * 3 and built["dynamic_size"] is False
     assert built["strides"] == [8.0, 16.0, 32.0, 64.0, 128.0] == [float(s) for s in model.strides]
     for flat, cell in zip(built["anchors"], model.cell_anchors):
         assert torch.equal(torch.tensor(flat).view(-1, 4), cell)     # what grid_anchors shifts per cell
@@ -128,21 +128,127 @@ def test_batch_profile():
         batch_profile(cfg)
 
 
-def test_plan_backend_returns_cpu_tensors_and_integer_classes():
-    class Engine:
-        metadata = '{"category_ids": [1, 2, 3], "mean": [0, 0, 0], "std": [1, 1, 1]}'
-        input_size, max_batch = (64, 64), 4
+class FakeRunEngine:
+    """Stands in for a loaded odtk._C.Engine: records each batch it is given and finds one box per image, at
+    (1, 2, 11, 12) in input pixels, class 2."""
+    metadata = '{"category_ids": [1, 2, 3], "mean": [0, 0, 0], "std": [1, 1, 1], "resize": 96, "max_size": 160}'
+    input_size, max_batch, dynamic_size = (64, 64), 4, False
 
-        def infer(self, images):
-            b = images.shape[0]
-            return torch.ones(b, 100), torch.zeros(b, 100, 4), torch.full((b, 100), 2.0)
-    backend = PlanBackend(Engine(), device="cpu")
+    def __init__(self, profile=((64, 64),) * 3):
+        self.size_profile = [list(size) for size in profile]
+        self.dynamic_size = profile[0] != profile[2]
+        self.batches = []
+
+    def infer(self, images):
+        self.batches.append(tuple(images.shape))
+        b = images.shape[0]
+        scores = torch.zeros(b, 100)
+        scores[:, 0] = 0.9
+        boxes = torch.zeros(b, 100, 4)
+        boxes[:, 0] = torch.tensor([1.0, 2.0, 11.0, 12.0])
+        return scores, boxes, torch.full((b, 100), 2.0)
+
+
+def test_plan_backend_returns_cpu_tensors_and_integer_classes():
+    backend = PlanBackend(FakeRunEngine(), device="cpu")
     scores, boxes, classes = backend(torch.zeros(2, 3, 64, 64), Thresholds())
     assert scores.shape == (2, 100) and boxes.shape == (2, 100, 4)
     assert classes.dtype == torch.long and bool((classes == 2).all())
     assert backend.fit == (64, 64) and backend.max_batch == 4 and backend.category_ids == [1, 2, 3]
+    assert not backend.dynamic and not backend.group_shapes
     scores, _, _ = backend(torch.zeros(1, 3, 64, 64), Thresholds(detections=10))
     assert scores.shape == (1, 10)
+
+
+def test_dynamic_plan_backend_pads_to_the_profile_and_refuses_larger():
+    engine = FakeRunEngine(((64, 64), (96, 160), (160, 160)))
+    backend = PlanBackend(engine, device="cpu")
+    assert backend.dynamic and backend.fit is None and backend.group_shapes
+    assert (backend.resize, backend.max_size) == (96, 160)            # the plan's metadata, as a dynamic ONNX
+    backend(torch.ones(2, 3, 32, 96), Thresholds())
+    backend(torch.ones(1, 3, 128, 160), Thresholds())
+    assert engine.batches == [(2, 3, 64, 96), (1, 3, 128, 160)]      # padded up to min, otherwise as given
+    with pytest.raises(OdtkError, match="a 192x160 batch is larger than this engine's largest input, 160x160: "
+                                        "infer with --max-size 160 or less"):
+        backend(torch.zeros(1, 3, 192, 160), Thresholds())
+
+
+def test_dynamic_plan_detector_resizes_like_pth_and_batches_by_orientation():
+    """Images resized as a .pth resizes them (shorter side to the plan's resize, longer capped by max_size), padded
+    to the stride, landscape and portrait in separate engine calls; boxes back in each image's own pixels."""
+    engine = FakeRunEngine(((64, 64), (96, 160), (160, 160)))
+    detector = Detector(PlanBackend(engine, device="cpu"))
+    images = [torch.zeros(3, 60, 80, dtype=torch.uint8), torch.zeros(3, 80, 40, dtype=torch.uint8),
+              torch.zeros(3, 30, 40, dtype=torch.uint8), torch.zeros(3, 50, 50, dtype=torch.uint8)]
+    found = detector.predict(images, batch_size=4)
+    # landscape/square: 96x128 (60x80 x1.6), 96x128 (30x40 x3.2), 96x96 -> padded batch 96x128; portrait:
+    # 80x40 x2 = 160x80 (max_size caps the longer side) -> 160x96 (multiples of 32)
+    assert engine.batches == [(3, 3, 96, 128), (1, 3, 160, 96)]
+    assert [f.image_size for f in found] == [(60, 80), (80, 40), (30, 40), (50, 50)]   # input order kept
+    ratios = [1.6, 2.0, 3.2, 96 / 50]
+    for f, r in zip(found, ratios):
+        assert f.labels.tolist() == [3]
+        torch.testing.assert_close(f.boxes, torch.tensor([[1.0, 2.0, 11.0, 12.0]]) / r)
+
+
+def test_size_profile_default_and_checks():
+    cfg = ExportConfig(model="m.pth", output="m.plan", dynamic_size=True)
+    # from one stride up to the padded max_size square, tuned for a landscape image at the resize
+    assert size_profile(cfg, 32, (800, 1333)) == ((32, 32), (800, 1344), (1344, 1344))
+    assert size_profile(cfg, 128, (600, 1000)) == ((128, 128), (640, 1024), (1024, 1024))
+    assert size_profile(cfg, 32, (900, 640)) == ((32, 32), (640, 640), (640, 640))    # resize above max_size
+    cfg = ExportConfig(model="m.pth", output="m.plan", dynamic_size=True,
+                       dynamic_size_opts=("128", "512x768", (768, 1024)))
+    assert cfg.dynamic_size_opts == ((128, 128), (512, 768), (768, 1024))
+    assert size_profile(cfg, 128, (800, 1333)) == cfg.dynamic_size_opts
+    with pytest.raises(OdtkError, match="each side must be a multiple of 256"):
+        size_profile(cfg, 256, (800, 1333))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dynamic-size", "--dynamic-size-opts", "64", "big", "256"],
+     "--dynamic-size-opts 64 big 256: give three sizes MIN OPT MAX, each a side (square) or HEIGHTxWIDTH"),
+    (["--dynamic-size", "--dynamic-size-opts", "64", "128x", "256"], "give three sizes MIN OPT MAX"),
+    (["--dynamic-size", "--dynamic-size-opts", "64", "0", "256"],
+     "--dynamic-size-opts 64 0 256: sizes must be positive"),
+    (["--dynamic-size", "--dynamic-size-opts", "64", "256x96", "128"],
+     "--dynamic-size-opts 64 256x96 128: need MIN <= OPT <= MAX in height and in width"),
+    (["--dynamic-size", "--dynamic-size-opts", "64", "100", "256"],
+     "--dynamic-size-opts 64x64 100x100 256x256: each side must be a multiple of 32"),
+    (["--dynamic-size-opts", "64", "128", "256"], "--dynamic-size-opts sets the input sizes a --dynamic-size plan"),
+])
+def test_bad_dynamic_size_opts_are_one_line(flags, message, small_model, tmp_path, caplog, capsys, monkeypatch):
+    monkeypatch.setattr(extension, "engine_class", lambda: FakeEngine)
+    caplog.clear()
+    assert main(["export", small_model, str(tmp_path / "m.plan")] + flags) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0] and message in errors[0], errors
+    assert "Traceback" not in caplog.text + "".join(capsys.readouterr())
+    assert not os.listdir(tmp_path)
+
+
+def test_dynamic_size_opts_on_onnx_is_refused(small_model, tmp_path, caplog):
+    argv = ["export", small_model, str(tmp_path / "m.onnx"), "--dynamic-size", "--dynamic-size-opts", "64", "96",
+            "128"]
+    assert main(argv) == 2
+    assert "m.onnx: --dynamic-size-opts is a TensorRT (.plan) profile" in caplog.text and not os.listdir(tmp_path)
+
+
+def test_dynamic_plan_export_builds_a_profile_from_a_symbolic_onnx(small_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(extension, "engine_class", lambda: FakeEngine)
+    out = tmp_path / "dynamic.plan"
+    assert main(["export", small_model, str(out), "--dynamic-size", "--dynamic-size-opts", "64", "96x128", "256",
+                 "--resize", "96", "--max-size", "256", "--dynamic-batch-opts", "1", "2", "4"]) == 0
+    built = FakeEngine.built
+    assert built["dynamic_size"] is True and built["size_opts"] == [[64, 64], [96, 128], [256, 256]]
+    assert built["batch_opts"] == [1, 2, 4]
+    meta = json.loads(built["metadata"])
+    assert meta["dynamic"] is True and (meta["resize"], meta["max_size"]) == (96, 256)
+    assert meta["size"] == [96, 128] and meta["flavour"] == "plan"    # traced at the profile's opt
+    graph = onnx.load_from_string(built["onnx"]).graph
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", "width"]
+    assert [o.name for o in graph.output] == [f"score_{i}" for i in range(1, 6)] + [f"box_{i}" for i in range(1, 6)]
 
 
 # ---- CUDA kernels vs PyTorch / torchvision (GPU only) ----------------------------------------------------------

@@ -156,8 +156,8 @@ def test_raw_heads_dynamic_size(trained, tmp_path):
 
 def test_dynamic_size_errors(trained, tmp_path, caplog):
     model_path, *_ = trained
-    assert main(["export", model_path, str(tmp_path / "m.plan"), "--dynamic-size"]) == 2
-    assert "--dynamic-size is for ONNX" in caplog.text
+    assert main(["export", model_path, str(tmp_path / "m.plan"), "--dynamic-size-opts", "64", "128", "256"]) == 2
+    assert "--dynamic-size-opts sets the input sizes a --dynamic-size plan takes: add --dynamic-size" in caplog.text
     assert main(["export", model_path, str(tmp_path / "m.onnx"), "--resize", "200"]) == 2
     assert "add --dynamic-size or drop them" in caplog.text
     assert main(["export", model_path, str(tmp_path / "m.onnx"), "--dynamic-size", "--max-size", "0"]) == 2
