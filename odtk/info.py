@@ -25,16 +25,20 @@ import torch
 
 from .constants import category_ids_or_default
 from .onnx_meta import read_metadata
-from .utils import OdtkError, log
+from .utils import OdtkError, log, padded
 
 DEFAULT_SIZE = (800, 1333)     # torchvision's and ODTK's default resize / max size
 FLOPS_CONVENTION = "a multiply-add counts as 2 FLOPs"
 
-# the header odtk._C's Engine::save writes before the TensorRT engine (odtk/csrc/engine.cpp): magic, format,
-# stride (uint32), metadata length (uint64), metadata JSON; little-endian, as the machines that build plans
+# the header odtk._C's Engine::save writes before the TensorRT engine (odtk/csrc/engine.cpp: keep both in step),
+# little-endian, as the machines that build plans: magic, format and stride (uint32 each); from format 2 the dynamic
+# flag and the input size profile (uint32 each: min height, width, opt height, width, max height, width); then the
+# metadata length (uint64) and metadata JSON. Format 1 plans (fixed-size) are still read.
 PLAN_MAGIC = b"ODTKPLAN"
-PLAN_FORMAT = 1
-PLAN_HEADER = struct.Struct("<IIQ")
+PLAN_FORMAT = 2
+PLAN_PREFIX = struct.Struct("<II")       # format, stride
+PLAN_PROFILE = struct.Struct("<I6I")     # format 2: dynamic, size profile
+PLAN_LENGTH = struct.Struct("<Q")
 
 FLAVOURS = {"end2end": "end-to-end (decode + NMS inside, for ONNX Runtime)",
             "raw": "raw heads (no decode/NMS, for TensorRT)", "plan": "TensorRT engine with odtk's decode/NMS plugins"}
@@ -45,10 +49,6 @@ PLUMBING = {"model", "verbose", "master", "nodes", "node_rank", "workers", "devi
 
 
 # -- sizes and counts -------------------------------------------------------------------------------------------
-def padded(side: int, divisible: int) -> int:
-    return -(-side // divisible) * divisible
-
-
 def input_size(size: Optional[Sequence[int]], train_config: Optional[dict], divisible: int
                ) -> Tuple[Tuple[int, int], str]:
     """The (height, width) to count FLOPs at, padded to `divisible` as the loaders pad, and where it comes from:
@@ -147,27 +147,38 @@ def plan_info(path: str) -> dict:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         magic = f.read(len(PLAN_MAGIC))
-        header = f.read(PLAN_HEADER.size)
         if magic != PLAN_MAGIC:
             raise OdtkError(f"{path}: not an odtk TensorRT plan (export one with `odtk export model.pth "
                             f"{os.path.basename(path)}`)")
-        if len(header) < PLAN_HEADER.size:
-            raise OdtkError(f"{path}: truncated odtk plan (export it again)")
-        version, stride, length = PLAN_HEADER.unpack(header)
-        if version != PLAN_FORMAT:
-            raise OdtkError(f"{path}: odtk plan format {version}, this odtk reads format {PLAN_FORMAT} (upgrade "
-                            f"odtk, or export the plan again)")
+        version, _ = _unpack(f, PLAN_PREFIX, path)
+        if not 1 <= version <= PLAN_FORMAT:
+            raise OdtkError(f"{path}: odtk plan format {version}, this odtk reads formats 1 to {PLAN_FORMAT} "
+                            f"(upgrade odtk, or export the plan again)")
+        dynamic, profile = False, None
+        if version >= 2:
+            dynamic, *sides = _unpack(f, PLAN_PROFILE, path)
+            profile = [sides[0:2], sides[2:4], sides[4:6]]
+        length, = _unpack(f, PLAN_LENGTH, path)
         text = f.read(length)
+        header = f.tell()
     try:
         meta = json.loads(text.decode("utf-8")) if len(text) == length else None
     except (UnicodeDecodeError, json.JSONDecodeError):
         meta = None
     if not isinstance(meta, dict):
         raise OdtkError(f"{path}: truncated or damaged odtk plan header (export it again)")
-    engine_bytes = size - len(PLAN_MAGIC) - PLAN_HEADER.size - length
     return {"path": path, "format": "plan", "file_size": size, **_from_metadata(meta),
-            "precision": meta.get("precision"), "engine_bytes": engine_bytes,
+            "precision": meta.get("precision"), "engine_bytes": size - header, "dynamic": bool(dynamic),
+            "size_profile": profile, "resize": meta.get("resize"), "max_size": meta.get("max_size"),
             "engine": "layers, max batch and device: need odtk._C built with TensorRT (Detector.load on a GPU)"}
+
+
+def _unpack(f, layout: struct.Struct, path: str) -> tuple:
+    """The next `layout` of an open plan, or a one-line error when the file ends first."""
+    data = f.read(layout.size)
+    if len(data) < layout.size:
+        raise OdtkError(f"{path}: truncated odtk plan (export it again)")
+    return layout.unpack(data)
 
 
 def _description(backbones: List[str], num_classes: int, category_ids: Optional[List[int]],
@@ -257,9 +268,18 @@ def _onnx_rows(d: dict) -> List[Tuple[str, str]]:
 
 
 def _plan_rows(d: dict) -> List[Tuple[str, str]]:
-    return [("flavour", FLAVOURS["plan"]), ("precision", str(d["precision"])),
-            ("size", "x".join(map(str, d["size"] or []))), *_shared_rows(d),
+    return [("flavour", FLAVOURS["plan"]), ("precision", str(d["precision"])), ("size", _plan_size(d)),
+            *_shared_rows(d),
             ("engine", f"{_megabytes(d['engine_bytes'])}; {d['engine']}"), ("odtk", str(d["odtk_version"]))]
+
+
+def _plan_size(d: dict) -> str:
+    """A fixed plan's input size, or a dynamic one's profile and the resize inference applies."""
+    if not d.get("dynamic"):
+        return "x".join(map(str, d["size"] or []))
+    low, opt, high = ("x".join(map(str, s)) for s in d["size_profile"])
+    return (f"dynamic: {low} to {high} (multiples of the stride), tuned for {opt}; images resized to "
+            f"{d['resize']}, max {d['max_size']}")
 
 
 def _classes(d: dict, shown: int = 8) -> str:

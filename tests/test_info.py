@@ -219,24 +219,48 @@ def test_info_onnx_flavour_opset_and_shapes(checkpoint, tmp_path, capsys):
     assert "score_3 float32 [batch, 27, 3, 4]" in out and "box_5 float32 [batch, 36, 1, 1]" in out
 
 
-def _plan(path: str, meta: dict, *, magic: bytes = b"ODTKPLAN", version: int = 1) -> None:
-    """A plan file as odtk._C's Engine::save lays it out, with stand-in engine bytes."""
+def _plan(path: str, meta: dict, *, magic: bytes = b"ODTKPLAN", version: int = 2, dynamic: bool = False,
+          profile=((128, 128),) * 3) -> None:
+    """A plan file as odtk._C's Engine::save lays it out (odtk/csrc/engine.cpp), with stand-in engine bytes;
+    version 1: the layout before dynamic sizes."""
     import json
     import struct
     text = json.dumps(meta).encode()
+    sizes = [side for size in profile for side in size]
+    extra = struct.pack("<I6I", int(dynamic), *sizes) if version >= 2 else b""
     with open(path, "wb") as f:
-        f.write(magic + struct.pack("<IIQ", version, 128, len(text)) + text + b"\0" * 1000)
+        f.write(magic + struct.pack("<II", version, 128) + extra + struct.pack("<Q", len(text)) + text + b"\0" * 1000)
 
 
-def test_info_plan_reads_the_header_without_tensorrt(checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("version", [1, 2])
+def test_info_plan_reads_the_header_without_tensorrt(version, checkpoint, tmp_path, capsys):
+    import odtk
     from odtk.onnx_meta import metadata
     model_path = checkpoint
     meta = {**metadata(Model.load(model_path)[0], (128, 128), "plan"), "precision": "FP16"}
     path = str(tmp_path / "m.plan")
-    _plan(path, meta)
+    _plan(path, meta, version=version)
+    d = odtk.info(path)
+    assert d["dynamic"] is False and d["engine_bytes"] == 1000
+    assert d["size_profile"] == (None if version == 1 else [[128, 128]] * 3)
     out = _info_cli([path], capsys)
     assert "TensorRT plan" in out and "precision        FP16" in out and "size             128x128" in out
     assert "need odtk._C built with TensorRT" in out and "0.0 MB" in out
+
+
+def test_info_dynamic_plan_shows_its_profile(checkpoint, tmp_path, capsys):
+    import odtk
+    from odtk.onnx_meta import metadata
+    meta = {**metadata(Model.load(checkpoint)[0], (96, 160), "plan", dynamic=True, preprocess=(96, 160)),
+            "precision": "FP32"}
+    path = str(tmp_path / "dynamic.plan")
+    _plan(path, meta, dynamic=True, profile=((32, 32), (96, 160), (160, 160)))
+    d = odtk.info(path)
+    assert d["dynamic"] is True and d["size_profile"] == [[32, 32], [96, 160], [160, 160]]
+    assert d["engine_bytes"] == 1000 and d["size"] == [96, 160]
+    out = _info_cli([path], capsys)
+    assert ("size             dynamic: 32x32 to 160x160 (multiples of the stride), tuned for 96x160; images resized "
+            "to 96, max 160") in out
 
 
 def test_info_bad_files_are_one_line(tmp_path, caplog, capsys):
@@ -245,7 +269,8 @@ def test_info_bad_files_are_one_line(tmp_path, caplog, capsys):
              "bad.pth": (b"not a checkpoint", "not a readable odtk checkpoint"),
              "bad.onnx": (b"not onnx", "not a readable ONNX model"),
              "bad.plan": (b"GARBAGE!" * 4, "not an odtk TensorRT plan"),
-             "cut.plan": (b"ODTKPLAN\x01\0", "truncated odtk plan")}
+             "cut.plan": (b"ODTKPLAN\x01\0", "truncated odtk plan"),
+             "cut2.plan": (b"ODTKPLAN\x02\0\0\0\x80\0\0\0\x01\0", "truncated odtk plan")}
     for name, (content, message) in cases.items():
         path = tmp_path / name
         if content is not None:
@@ -256,8 +281,9 @@ def test_info_bad_files_are_one_line(tmp_path, caplog, capsys):
         assert len(errors) == 1 and "\n" not in errors[0] and message in errors[0] and str(path) in errors[0]
         out, err = capsys.readouterr()
         assert "Traceback" not in out + err and not out
-    _plan(str(tmp_path / "new.plan"), {}, version=2)
-    assert main(["info", str(tmp_path / "new.plan")]) == 2 and "plan format 2" in caplog.text
+    _plan(str(tmp_path / "new.plan"), {}, version=3)
+    assert main(["info", str(tmp_path / "new.plan")]) == 2
+    assert "plan format 3, this odtk reads formats 1 to 2" in caplog.text
     path = str(tmp_path / "m.pth")
     Model(config=ModelConfig(backbones=["MobileNetV2FPN"], num_classes=1)).save(path)
     caplog.clear()
