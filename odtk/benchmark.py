@@ -1,5 +1,6 @@
 """`odtk benchmark`: which form to deploy. Exports a .pth checkpoint to every form this machine can run (PyTorch
-eager, ONNX Runtime fp32 and INT8, TensorRT FP16 and INT8) and measures each the way users run it: COCO AP through
+eager, ONNX Runtime fp32 at a fixed size and at each image's own size (--dynamic-size), ONNX Runtime INT8, TensorRT
+FP16 and INT8) and measures each the way users run it: COCO AP through
 `odtk infer`'s loop, ms per image at batch 1 and images/s at --batch, and the file's size.
 
     >>> import odtk
@@ -25,9 +26,9 @@ from tqdm import tqdm
 
 from .checks import at_least
 from .data import CocoDataset, collate, scaled_size
-from .detector import Detector
+from .detector import Detector, TorchBackend
 from .export import ExportConfig, export, export_size
-from .infer import InferConfig, _Sizes, run as infer_run
+from .infer import InferConfig, ImageSizes, run as infer_run
 from .utils import OdtkError, log
 
 BATCH1_IMAGES = 16       # batch-1 latency: the median over this many images (or --images-limit, if fewer)
@@ -115,19 +116,20 @@ def plan_forms(cfg: BenchmarkConfig, size: Tuple[int, int], folder: str) -> List
     """Every form, in the order of the table; the exports' files go to `folder`."""
     stem = os.path.splitext(os.path.basename(cfg.model))[0]
 
-    def exported(suffix: str, int8: bool) -> Tuple[str, ExportConfig]:
+    def exported(suffix: str, int8: bool, dynamic: bool) -> Tuple[str, ExportConfig]:
         path = os.path.join(folder, f"{stem}-{suffix}")
         return path, ExportConfig(model=cfg.model, output=path, size=size, batch=cfg.batch, int8=int8,
                                   calibration_images=cfg.images, calibration_batches=cfg.calibration_batches,
-                                  verbose=cfg.verbose)
+                                  verbose=cfg.verbose, dynamic_size=dynamic)
 
     onnx_why, trt_why = onnx_missing(), tensorrt_missing()
     forms = [Form("PyTorch", cfg.model)]
-    for name, suffix, int8, why in (("ONNX Runtime fp32", "fp32.onnx", False, onnx_why),
-                                    ("ONNX Runtime INT8", "int8.onnx", True, onnx_why),
-                                    ("TensorRT FP16", "fp16.plan", False, trt_why),
-                                    ("TensorRT INT8", "int8.plan", True, trt_why)):
-        path, export_cfg = exported(suffix, int8)
+    for name, suffix, int8, dynamic, why in (("ONNX Runtime fp32", "fp32.onnx", False, False, onnx_why),
+                                             ("ONNX Runtime fp32 dyn", "fp32-dynamic.onnx", False, True, onnx_why),
+                                             ("ONNX Runtime INT8", "int8.onnx", True, False, onnx_why),
+                                             ("TensorRT FP16", "fp16.plan", False, False, trt_why),
+                                             ("TensorRT INT8", "int8.plan", True, False, trt_why)):
+        path, export_cfg = exported(suffix, int8, dynamic)
         forms.append(Form(name, path, export_cfg, why))
     return forms
 
@@ -141,7 +143,7 @@ def prepared_batches(detector: Detector, dataset: CocoDataset, count: int, batch
         raise OdtkError(f"{dataset.root}: no readable image to time")
     chunks = [samples[i:i + batch] for i in range(0, len(samples), batch)]
     chunks = [c for c in chunks if len(c) == batch] or chunks[:1]
-    sizes = _Sizes(dataset)
+    sizes = ImageSizes(dataset)
     out = []
     for chunk in chunks:
         images, _, _, ids, ratios = collate(chunk, b.size_divisible, b.fit)
@@ -166,7 +168,9 @@ def describe(detector: Detector) -> str:
     b = detector.backend
     if b.fit:
         return f"{b.kind}, {b.fit[0]}x{b.fit[1]}"
-    return f"{b.kind} {b.device.type} {b.precision}, resize {b.resize} max {b.max_size}"
+    if isinstance(b, TorchBackend):
+        return f"{b.kind} {b.device.type} {b.precision}, resize {b.resize} max {b.max_size}"
+    return f"{b.kind}, each image resized to {b.resize} max {b.max_size}"
 
 
 def measure(form: Form, cfg: BenchmarkConfig, folder: str, keep: bool) -> dict:
@@ -231,7 +235,7 @@ def benchmark(cfg: BenchmarkConfig) -> List[dict]:
     if cfg.size:
         size = export_size(cfg.size, b.size_divisible)
     else:
-        size = default_size(_Sizes(dataset)(dataset.ids), resize=b.resize, max_size=b.max_size,
+        size = default_size(ImageSizes(dataset)(dataset.ids), resize=b.resize, max_size=b.max_size,
                             divisible=b.size_divisible)
     del detector   # its weights (GPU memory) go before each form loads its own
     with work_folder(cfg.output_dir) as folder:

@@ -91,7 +91,7 @@ def is_dataset(cfg: InferConfig) -> bool:
     return bool(cfg.annotations) or os.path.isdir(path) or not as_file
 
 
-class _Sizes:
+class ImageSizes:
     """(height, width) as displayed of a dataset's images, from their headers, once each: detections are clipped
     to each image's own edges (the loaders' batches carry only the scale)."""
 
@@ -113,7 +113,7 @@ def detect_dataset(detector: Detector, dataset: CocoDataset, cfg: InferConfig, c
                                            workers=cfg.loader_workers, size_divisible=detector.backend.size_divisible,
                                            rank=ctx.rank, world_size=ctx.world_size,
                                            device=getattr(detector.backend, "device", torch.device("cpu")))
-    sizes, rows, count, start = _Sizes(dataset), [], 0, time.time()
+    sizes, rows, count, start = ImageSizes(dataset), [], 0, time.time()
     shard = len(range(ctx.rank, len(dataset), ctx.world_size))
     draw = dataset_drawer(detector, dataset, cfg) if cfg.save_images else None
     with progress(total=shard, desc="infer", unit="img", disable=ctx.rank != 0) as bar:

@@ -15,7 +15,7 @@ from odtk.benchmark import (BenchmarkConfig, benchmark_table, default_size, tens
 from odtk.infer import InferConfig, infer                                                        # noqa: E402
 from odtk.main import main                                                                       # noqa: E402
 
-FORMS = ["PyTorch", "ONNX Runtime fp32", "ONNX Runtime INT8", "TensorRT FP16", "TensorRT INT8"]
+FORMS = ["PyTorch", "ONNX Runtime fp32", "ONNX Runtime fp32 dyn", "ONNX Runtime INT8", "TensorRT FP16", "TensorRT INT8"]
 BENCH = importlib.import_module("odtk.benchmark")   # odtk.benchmark is also the package's function
 
 
@@ -69,17 +69,21 @@ def test_ap_is_what_odtk_infer_gives(run, trained, tmp_path):
     assert rows["ONNX Runtime fp32"]["AP"] == pytest.approx(eager["AP"], abs=1e-3)   # measured: equal to 1e-9
     assert rows["ONNX Runtime INT8"]["AP"] == pytest.approx(eager["AP"], abs=0.05)
     assert rows["ONNX Runtime fp32"]["note"].endswith("128x128")
+    # the dynamic graph resizes each image as the .pth does: the .pth's AP
+    assert rows["ONNX Runtime fp32 dyn"]["AP"] == pytest.approx(eager["AP"], abs=2e-3)
+    assert rows["ONNX Runtime fp32 dyn"]["note"].endswith("each image resized to 128 max 128")
 
 
 def test_timings_sizes_and_kept_files(run, trained):
     _, _, rows, out = run
     model = trained[0]
-    for form in FORMS[:3]:
+    for form in FORMS[:4]:
         row = rows[form]
         assert row["ms_per_image"] > 0 and row["images_per_s"] > 0 and row["batch"] == 4, form
         assert os.path.isfile(row["file"]) and row["size_mb"] == pytest.approx(os.path.getsize(row["file"]) / 1e6)
     assert rows["PyTorch"]["file"] == model
-    assert sorted(os.listdir(out)) == ["model-fp32.onnx", "model-int8.onnx", "onnx-runtime-fp32-detections.json",
+    assert sorted(os.listdir(out)) == ["model-fp32-dynamic.onnx", "model-fp32.onnx", "model-int8.onnx",
+                                       "onnx-runtime-fp32-detections.json", "onnx-runtime-fp32-dyn-detections.json",
                                        "onnx-runtime-int8-detections.json", "pytorch-detections.json"]
 
 
