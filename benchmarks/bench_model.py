@@ -94,6 +94,10 @@ def main():
     fused = fused_copy(ours)    # what Detector.load and export run: BatchNorm folded into the convolutions
     with torch.inference_mode():
         rows.append(("  same, odtk with BN fused", timed(lambda: fused.predict(xp), args.reps), t_tv))
+        # what Detector runs: fused, and channels-last (NHWC: oneDNN's native layout, no reorders per conv)
+        fused.to(memory_format=torch.channels_last)
+        xc = xp.contiguous(memory_format=torch.channels_last)
+        rows.append(("  same, fused + channels-last", timed(lambda: fused.predict(xc), args.reps), t_tv))
     del fused
     infer_stages = stages_infer(ours, xp, args.reps)
 
