@@ -20,6 +20,17 @@ def positive(flag: str, value: float) -> None:
         raise OdtkError(f"{flag} {value}: must be a positive finite number")
 
 
+def anchor_setting(flag: str, value) -> None:
+    """--anchor-scales/--anchor-ratios: not given (None), "auto", or positive finite numbers."""
+    if value is None or value == "auto":
+        return
+    shown = value if isinstance(value, str) else " ".join(str(v) for v in value)
+    if isinstance(value, str) or not len(value) or any(isinstance(v, str) for v in value):
+        raise OdtkError(f"{flag} {shown}: give numbers, or auto alone")
+    for v in value:
+        positive(flag, v)
+
+
 def non_negative(flag: str, value: float) -> None:
     """A finite number >= 0 (0 usually means off)."""
     if not (math.isfinite(value) and value >= 0):

@@ -246,13 +246,14 @@ class CocoDataset(Dataset):
     no 'categories' is then an error, not classes guessed from its annotations (whose names it would lack).
     Annotations that cannot be used are dropped with one warning per reason (DROPPED) naming the first one.
     A file without a single usable box is an error with `require_boxes` (training), else a warning.
+    `check_files` off skips the check that every image file exists (reports that read only the annotations).
     """
 
     def __init__(self, images: str, annotations: Optional[str] = None, *, resize: int = 800,
                  max_size: int = 1333, jitter: Optional[Tuple[int, int]] = None, augment: Optional[Augment] = None,
                  category_ids: Optional[Sequence[int]] = None, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, fit: Optional[Tuple[int, int]] = None,
-                 require_boxes: bool = False):
+                 require_boxes: bool = False, check_files: bool = True):
         self.root = images
         self.resize, self.max_size, self.jitter = resize, max_size, jitter
         self.fit = fit      # (height, width) of a fixed-size model: scale the image to fit inside it
@@ -260,6 +261,7 @@ class CocoDataset(Dataset):
         self.mean, self.std = list(mean), list(std)
         self.boxes: Dict[int, Tensor] = {}
         self.labels: Dict[int, Tensor] = {}
+        self.sizes: Dict[int, Tuple[int, int]] = {}   # (height, width) where the annotations give both
         if annotations:
             coco = read_coco(annotations)
             self.coco_path = annotations
@@ -274,6 +276,9 @@ class CocoDataset(Dataset):
                                 f"{self.category_ids} (train a new model, or --fine-tune from this one)")
             self.ids = [im["id"] for im in coco["images"]]
             self.files = {im["id"]: im["file_name"] for im in coco["images"]}
+            self.sizes = {im["id"]: (im["height"], im["width"]) for im in coco["images"]
+                          if isinstance(im.get("width"), int) and isinstance(im.get("height"), int)
+                          and im["width"] > 0 and im["height"] > 0}
             self._index_boxes(coco, annotations, require_boxes)
         else:
             if not os.path.isdir(images):
@@ -288,7 +293,7 @@ class CocoDataset(Dataset):
             self.class_names = {}
             self.ids = list(range(1, len(names) + 1))
             self.files = dict(zip(self.ids, names))
-        missing = [f for f in self.files.values() if not os.path.isfile(os.path.join(images, f))]
+        missing = [f for f in self.files.values() if check_files and not os.path.isfile(os.path.join(images, f))]
         if missing:
             raise OdtkError(f"{os.path.join(images, missing[0])}: image file not found"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -321,6 +326,17 @@ class CocoDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def original_size(self, image_id: int) -> Tuple[int, int]:
+        """(height, width) of an image before the resize: the annotations' width and height, else its file's
+        header."""
+        if image_id in self.sizes:
+            return self.sizes[image_id]
+        path = os.path.join(self.root, self.files[image_id])
+        if not os.path.isfile(path):
+            raise OdtkError(f"{self.coco_path or self.root}: image {image_id} ({self.files[image_id]}) has no "
+                            f"width/height and {path} is not there to read them from (give --images)")
+        return image_size(path)
 
     def __getitem__(self, index):
         """`index`, or (index, seed) from TrainSampler: the sample's augmentation then depends only on the seed,

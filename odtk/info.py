@@ -212,9 +212,15 @@ def _tensor(value) -> dict:
 def format_info(d: dict) -> str:
     """The table `odtk info` prints, from `info`'s dict."""
     rows = {"checkpoint": _checkpoint_rows, "onnx": _onnx_rows, "plan": _plan_rows}[d["format"]](d)
+    return table(f"{d['path']}: {_KINDS[d['format']]}, {_megabytes(d['file_size'])}", rows)
+
+
+def table(title: str, rows: Sequence[Tuple[str, str]]) -> str:
+    """`title`, then one indented `label  value` line per row, long values wrapped under their column (`odtk
+    info` and `odtk data` print these)."""
     width = max(len(label) for label, _ in rows) + 2
     wrap = 118 - width
-    lines = [f"{d['path']}: {_KINDS[d['format']]}, {_megabytes(d['file_size'])}"]
+    lines = [title]
     for label, value in rows:
         text = textwrap.wrap(str(value), wrap, break_on_hyphens=False) or [""]
         lines.append(f"  {label:<{width}}{text[0]}")
@@ -233,8 +239,8 @@ def _shared_rows(d: dict) -> List[Tuple[str, str]]:
     a, lim = d["anchors"], d["limits"]
     return [("backbone", " + ".join(d["backbones"])),
             ("classes", _classes(d)),
-            ("anchors", f"{a['per_cell']} per cell: ratios {_numbers(a['ratios'])}, scales {_numbers(a['scales'])}, "
-                        f"strides {_numbers(a['strides'])}"),
+            ("anchors", f"{a['per_cell']} per cell: ratios {numbers(a['ratios'])}, scales {numbers(a['scales'])}, "
+                        f"strides {numbers(a['strides'])}"),
             ("post-processing", f"score > {lim['threshold']}, NMS IoU {lim['nms']}, {lim['detections']} "
                                 f"detections per image")]
 
@@ -285,7 +291,7 @@ def _plan_size(d: dict) -> str:
 def _classes(d: dict, shown: int = 8) -> str:
     ids, names = d["category_ids"], d["class_names"]
     contiguous = bool(ids) and ids == list(range(ids[0], ids[0] + len(ids)))
-    id_text = (f"{ids[0]}-{ids[-1]}" if contiguous else _numbers(ids) if len(ids) <= shown else
+    id_text = (f"{ids[0]}-{ids[-1]}" if contiguous else numbers(ids) if len(ids) <= shown else
                f"{ids[0]}-{ids[-1]} with gaps")
     if not names:
         return f"{d['classes']}, no names (category ids {id_text})"
@@ -293,7 +299,8 @@ def _classes(d: dict, shown: int = 8) -> str:
     return f"{d['classes']}: {', '.join(names[:shown])}{more} (category ids {id_text})"
 
 
-def _numbers(values: Sequence[float]) -> str:
+def numbers(values: Sequence[float]) -> str:
+    """`1 2 0.5`: floats to 3 decimals, as few digits as they need."""
     return " ".join(f"{round(v, 3):g}" if isinstance(v, float) else str(v) for v in values)
 
 
@@ -314,7 +321,7 @@ def _compact(config: dict) -> str:
         if isinstance(value, dict):   # augment: only what is on
             value = ",".join(k if v is True else f"{k}:{v:g}" for k, v in value.items() if v)
         elif isinstance(value, (list, tuple)):
-            value = ",".join(_numbers(value).split())
+            value = ",".join(numbers(value).split())
         elif isinstance(value, float):
             value = f"{value:g}"
         parts.append(f"{key}={value}")

@@ -1,4 +1,4 @@
-"""Command line: odtk {train,infer,export,convert,synthetic,info}."""
+"""Command line: odtk {train,infer,export,benchmark,convert,synthetic,info,data}."""
 import argparse
 import sys
 from typing import List, Optional
@@ -16,6 +16,28 @@ def _master(value: str) -> str:
     if not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"'{value}' is not address:port")
     return value
+
+
+def _anchor_value(value: str):
+    """A number, or `auto` (checked to stand alone by checks.anchor_setting)."""
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a number or auto") from None
+
+
+def _anchor_setting(values: Optional[list]):
+    """`--anchor-scales auto` -> "auto"; numbers (or a mix, which the config refuses) as given."""
+    return "auto" if values == ["auto"] else values
+
+
+def _anchor_flags(parser: argparse.ArgumentParser, scales_help: str, ratios_help: str) -> None:
+    parser.add_argument("--anchor-ious", type=float, nargs=2, default=[0.4, 0.5], metavar=("BG", "FG"),
+                        help="IoU below BG is background, at or above FG foreground")
+    parser.add_argument("--anchor-scales", type=_anchor_value, nargs="+", metavar="S", help=scales_help)
+    parser.add_argument("--anchor-ratios", type=_anchor_value, nargs="+", metavar="R", help=ratios_help)
 
 
 def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
@@ -64,11 +86,10 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--augment-contrast", type=float, default=0.002, help="contrast jitter")
     p.add_argument("--augment-saturation", type=float, default=0.002, help="saturation jitter")
     p.add_argument("--augment-hue", type=float, default=0.0002, help="hue jitter")
-    p.add_argument("--anchor-ious", type=float, nargs=2, default=[0.4, 0.5], metavar=("BG", "FG"),
-                   help="IoU below BG is background, at or above FG foreground")
-    p.add_argument("--anchor-scales", type=float, nargs="+", metavar="S",
-                   help="anchor sides as multiples of the stride (default ODTK's 4, 5.04, 6.35); fit them to "
-                        "object sizes after --resize")
+    _anchor_flags(p, "anchor sides as multiples of the stride, or auto: fitted to the boxes after --resize "
+                     "(default: ODTK's 4 5.04 6.35, fitted instead when they fit the boxes poorly; resuming keeps "
+                     "the checkpoint's)",
+                  "anchor height/width ratios, or auto: fitted to the boxes (default: ODTK's 1 2 0.5)")
     p.add_argument("--backbone-weights", metavar="PATH",
                    help="torchvision ImageNet weights (file, or folder with torchvision's file name); default: "
                         "torch's hub cache, else random weights")
@@ -187,6 +208,15 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, nargs="+", default=None, metavar="SIDE",
                    help="input height width (one value: square) for a checkpoint's GFLOPs (default: its training "
                         "--resize/--max-size, else 800 1333; padded like the loaders pad)")
+    p = sub.add_parser("data", help="describe a COCO training set: counts, box sizes after the resize, how well the "
+                                    "anchors fit them", formatter_class=fmt)
+    p.add_argument("annotations", help="COCO annotations JSON")
+    p.add_argument("--images", default=None, metavar="DIR",
+                   help="folder of the images, read (headers only) for images without width/height in the JSON")
+    p.add_argument("--resize", type=int, default=800, help="shorter side, as training's --resize")
+    p.add_argument("--max-size", type=int, default=1333, help="cap on the longer side, as training's --max-size")
+    _anchor_flags(p, "anchor sides as multiples of the stride, or auto: fit them (default: ODTK's 4 5.04 6.35)",
+                  "anchor height/width ratios, or auto: fit them (default: ODTK's 1 2 0.5)")
     for sub_parser in sub.choices.values():   # --verbose also after the command (ODTK's `export ... --verbose`)
         sub_parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="more detail")
     return parser.parse_args(args)
@@ -211,7 +241,8 @@ def run(args: argparse.Namespace) -> None:
             augment=Augment(flip=True, rotate=args.augment_rotate, brightness=args.augment_brightness,
                             contrast=args.augment_contrast, saturation=args.augment_saturation,
                             hue=args.augment_hue, crop=args.augment_crop),
-            anchor_ious=tuple(args.anchor_ious), anchor_scales=args.anchor_scales,
+            anchor_ious=tuple(args.anchor_ious), anchor_scales=_anchor_setting(args.anchor_scales),
+            anchor_ratios=_anchor_setting(args.anchor_ratios),
             backbone_weights=args.backbone_weights, clip_grad=args.clip_grad, loader_workers=args.loader_workers,
             seed=args.seed, ema=args.ema, workers=args.workers, nodes=args.nodes, node_rank=args.node_rank,
             master=args.master, with_dali=args.with_dali, device=args.device, verbose=args.verbose)
@@ -257,6 +288,12 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "info":
         from .info import format_info, info
         print(format_info(info(args.model, size=args.size)))
+    elif args.command == "data":
+        from .anchors import describe_data, format_report
+        print(format_report(describe_data(args.annotations, images=args.images, resize=args.resize,
+                                          max_size=args.max_size, scales=_anchor_setting(args.anchor_scales),
+                                          ratios=_anchor_setting(args.anchor_ratios),
+                                          anchor_ious=tuple(args.anchor_ious))))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -9,14 +9,15 @@ import random
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from .anchors import AUTO, AnchorChoice, data_report, format_report, poor_fit_warning, short_report
 from .backbones import BACKBONES, find_weights, load_imagenet
-from .checks import at_least, check_writable, non_negative, ordered_range, positive
+from .checks import anchor_setting, at_least, check_writable, non_negative, ordered_range, positive
 from .data import Augment, CocoDataset, loader_factory
 from .distributed import (MASTER, Context, Ranks, StopRequest, TrainingStopped, check_nodes, launch, local_workers,
                           resolve_device, torchrun_context)
@@ -61,7 +62,8 @@ class TrainConfig:
     post_metrics: Optional[str] = None
     augment: Augment = field(default_factory=training_augment)
     anchor_ious: Tuple[float, float] = (0.4, 0.5)
-    anchor_scales: Optional[List[float]] = None
+    anchor_scales: Union[None, str, List[float]] = None    # None: ODTK's, fitted when they fit poorly; "auto"
+    anchor_ratios: Union[None, str, List[float]] = None    # None: ODTK's 1 2 0.5; "auto": fitted to the boxes
     backbone_weights: Optional[str] = None
     clip_grad: float = 0.0
     loader_workers: int = 2
@@ -90,9 +92,10 @@ class TrainConfig:
             at_least(flag, value, 0)
         ordered_range("--jitter", self.jitter, low=1)
         ordered_range("--anchor-ious", self.anchor_ious, low=0, high=1)
-        for flag, value in (("--lr", self.lr), ("--schedule", self.schedule), ("--gamma", self.gamma),
-                            *(("--anchor-scales", s) for s in self.anchor_scales or [])):
+        for flag, value in (("--lr", self.lr), ("--schedule", self.schedule), ("--gamma", self.gamma)):
             positive(flag, value)
+        anchor_setting("--anchor-scales", self.anchor_scales)
+        anchor_setting("--anchor-ratios", self.anchor_ratios)
         for flag, value in (("--regularization-l2", self.regularization_l2), ("--clip-grad", self.clip_grad),
                             *((f"--augment-{k}", getattr(self.augment, k))
                               for k in ("brightness", "contrast", "saturation", "hue"))):
@@ -127,10 +130,10 @@ def build_model(cfg: TrainConfig, dataset: CocoDataset) -> Tuple[Model, dict]:
     backbones = list(cfg.backbone or [DEFAULT_BACKBONE])
     weights = {b: find_weights(b, cfg.backbone_weights) for b in backbones}
     pretrained = all(weights.values())
+    anchors = log_data(cfg, anchor_report(cfg, dataset)).final
     config = ModelConfig(backbones=backbones, num_classes=num_classes, anchor_ious=list(cfg.anchor_ious),
-                         pretrained=pretrained, category_ids=dataset.category_ids, class_names=names)
-    if cfg.anchor_scales:
-        config.scales = list(cfg.anchor_scales)
+                         pretrained=pretrained, category_ids=dataset.category_ids, class_names=names,
+                         scales=anchors.scales, ratios=anchors.ratios)
     model = Model(config=config)
     if pretrained:
         for name, path in weights.items():
@@ -142,11 +145,45 @@ def build_model(cfg: TrainConfig, dataset: CocoDataset) -> Tuple[Model, dict]:
     return model, {}
 
 
+def anchor_report(cfg: TrainConfig, dataset: CocoDataset, config: Optional[ModelConfig] = None) -> dict:
+    """`odtk data`'s report on the training set at --resize/--max-size: for a new model (no `config`) with the
+    anchors --anchor-scales/--anchor-ratios ask for (ODTK's, fitted when they fit poorly, when neither is given),
+    else with `config`'s."""
+    scales, ratios = (cfg.anchor_scales, cfg.anchor_ratios) if config is None else (config.scales, config.ratios)
+    return data_report(dataset, resize=cfg.resize, max_size=cfg.max_size, scales=scales, ratios=ratios,
+                       fg_iou=cfg.anchor_ious[1], fit_poor_defaults=config is None)
+
+
+def log_data(cfg: TrainConfig, report: dict) -> AnchorChoice:
+    """Log the data and anchor report (the full table with --verbose) and return its AnchorChoice."""
+    choice = report["choice"]
+    log.info(format_report(report) if cfg.verbose else short_report(report))
+    if choice.switched:
+        log.info(f"anchor fit of the default anchors on {cfg.annotations}: recall {choice.start.fit.recall:.2f}, "
+                 f"mean IoU {choice.start.fit.mean_iou:.2f}: fitting anchors to the data (--anchor-scales auto "
+                 f"--anchor-ratios auto); pass --anchor-scales or --anchor-ratios to keep yours")
+    if cfg.verbose:   # the table has said the rest
+        return choice
+    if choice.fitted:
+        log.info(f"anchors fitted to the {choice.start.fit.boxes:,} boxes:\n  before: {choice.start.describe()}"
+                 f"\n  after:  {choice.fitted.describe()}")
+    else:
+        log.info(f"anchors: {choice.start.describe()}")
+    if choice.final.fit.poor:
+        log.warning(poor_fit_warning(choice.final))
+    return choice
+
+
 def fine_tuned(cfg: TrainConfig, dataset: CocoDataset, num_classes: int, names: List[str]) -> Model:
     """--fine-tune: every weight of that checkpoint (its EMA when it has one) but the last class layer when the
-    classes differ, which starts afresh at the prior like a new model's."""
+    classes differ, which starts afresh at the prior like a new model's. Its anchors are kept: the box head has
+    learned them."""
     base, _ = Model.load(cfg.fine_tune)
     mc = base.config
+    if cfg.anchor_scales is not None or cfg.anchor_ratios is not None:
+        log.warning(f"--fine-tune keeps the anchors of {cfg.fine_tune} (scales {_shown(mc.scales)}, ratios "
+                    f"{_shown(mc.ratios)}): --anchor-scales/--anchor-ratios ignored")
+    log_data(cfg, anchor_report(cfg, dataset, mc))
     new_head = mc.num_classes != num_classes or mc.category_ids != dataset.category_ids
     config = ModelConfig(**{**mc.__dict__, "num_classes": num_classes, "category_ids": dataset.category_ids,
                             "class_names": names, "anchor_ious": list(cfg.anchor_ious)})
@@ -160,10 +197,11 @@ def fine_tuned(cfg: TrainConfig, dataset: CocoDataset, num_classes: int, names: 
 
 
 def check_resume(cfg: TrainConfig, config: ModelConfig) -> None:
-    """Resuming keeps the checkpoint's model: refuse --backbone/--classes/--anchor-scales that say otherwise rather
-    than ignore them."""
+    """Resuming keeps the checkpoint's model: refuse --backbone/--classes/--anchor-scales/--anchor-ratios that say
+    otherwise rather than ignore them (`auto` anchors are the checkpoint's, fitted when it was started)."""
     asked = {"--backbone": (cfg.backbone, config.backbones), "--classes": (cfg.classes, config.num_classes),
-             "--anchor-scales": (cfg.anchor_scales, config.scales)}
+             "--anchor-scales": (None if cfg.anchor_scales == AUTO else cfg.anchor_scales, config.scales),
+             "--anchor-ratios": (None if cfg.anchor_ratios == AUTO else cfg.anchor_ratios, config.ratios)}
     for flag, (wanted, saved) in asked.items():
         if wanted is not None and (list(wanted) if isinstance(wanted, (list, tuple)) else wanted) != saved:
             raise OdtkError(f"{cfg.model}: resuming keeps the checkpoint's {flag} {_shown(saved)}, not "
@@ -358,6 +396,7 @@ def starting_point(cfg: TrainConfig) -> Tuple[CocoDataset, Model, dict, bool]:
     model, saved = resumed
     check_resume(cfg, model.config)
     log.info(f"resuming {cfg.model} at iteration {saved.get('iteration', 0)}")
+    log_data(cfg, anchor_report(cfg, dataset, model.config))
     return dataset, model, saved, True
 
 
