@@ -8,6 +8,11 @@ from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
 
+def _widened(t: Tensor) -> Tensor:
+    """fp16/bf16 heads are summed in float32; float32 and float64 (the consistency reference) stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def focal_loss(logits: Tensor, cls_target: Tensor, *, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """Summed focal loss over non-ignored anchors. logits [N, C]; cls_target [N] (>=0 fg, -1 bg, -2 ignore)."""
     keep = cls_target >= -1
@@ -16,13 +21,15 @@ def focal_loss(logits: Tensor, cls_target: Tensor, *, alpha: float = 0.25, gamma
     onehot = torch.zeros_like(logits)
     fg = target >= 0
     onehot[fg.nonzero(as_tuple=True)[0], target[fg]] = 1.0
-    return sigmoid_focal_loss(logits.float(), onehot.float(), alpha=alpha, gamma=gamma, reduction="sum")
+    logits = _widened(logits)
+    return sigmoid_focal_loss(logits, onehot.to(logits.dtype), alpha=alpha, gamma=gamma, reduction="sum")
 
 
 def box_loss(deltas: Tensor, box_target: Tensor, cls_target: Tensor, *, beta: float = 0.11) -> Tensor:
     """Summed smooth-L1 over foreground anchors."""
     fg = cls_target >= 0
-    return F.smooth_l1_loss(deltas[fg].float(), box_target[fg].float(), beta=beta, reduction="sum")
+    deltas = _widened(deltas[fg])
+    return F.smooth_l1_loss(deltas, box_target[fg].to(deltas.dtype), beta=beta, reduction="sum")
 
 
 def foreground_count(cls_target: Tensor, *, distributed: bool = False) -> Tensor:

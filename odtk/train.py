@@ -21,6 +21,7 @@ from .checks import anchor_setting, at_least, check_writable, non_negative, orde
 from .data import Augment, CocoDataset, loader_factory
 from .distributed import (MASTER, Context, Ranks, StopRequest, TrainingStopped, check_nodes, launch, local_workers,
                           resolve_device, torchrun_context)
+from .health import TrainingHealth
 from .model import Model, ModelConfig
 from .plots import TrainingResults
 from .progress import progress
@@ -428,6 +429,7 @@ class Trainer:
         self.saved_at = self.state.iteration if resumed else None   # what MODEL holds (None: not from this run)
         self.net: torch.nn.Module = self.state.model   # DDP-wrapped by fit() when distributed
         self.history: List[float] = []
+        self.health = TrainingHealth(warmup=int(cfg.warmup), iters=self.iters)
         self.seen = 0
         self.start = self.last_save = time.time()
         # <model stem>-results.csv/png, written by rank 0; a resumed run keeps the rows up to its checkpoint
@@ -515,6 +517,9 @@ class Trainer:
         cls_loss, box_loss = self.ranks.mean(torch.stack([losses["cls"].detach(), losses["box"].detach()]))
         if not math.isfinite(cls_loss + box_loss):
             raise self.diverged(f"loss is {cls_loss + box_loss}", s.iteration + 1)
+        if self.ctx.rank == 0:
+            self.warn(self.health.heads(s.iteration + 1, s.model, heads, boxes, labels, tuple(images.shape[-2:])))
+            self.warn(self.health.box_loss(s.iteration + 1, box_loss))
         if self.cfg.clip_grad:
             s.scaler.unscale_(s.optimizer)
             torch.nn.utils.clip_grad_norm_(s.optimizer.param_groups[0]["params"], self.cfg.clip_grad)
@@ -613,6 +618,11 @@ class Trainer:
                     f"{self.state.iteration}; run the same command to resume")
         return TrainingStopped(self.state.iteration, signal, rank=self.ctx.rank)
 
+    @staticmethod
+    def warn(message: Optional[str]) -> None:
+        if message:
+            log.warning(message)
+
     def summary(self) -> Dict[str, float]:
         """The 'done' line; loss figures and the per-iteration losses."""
         minutes = (time.time() - self.start) / 60
@@ -622,8 +632,10 @@ class Trainer:
         it = self.state.iteration
         log.info(f"done: iterations {it - len(self.history)} -> {it} in {minutes:.1f} min, {speed:.2f} im/s, "
                  f"loss {first:.3f} -> {last:.3f}, saved {self.cfg.model}")
+        for message in self.health.warnings:   # again at the end, where a log reader looks first
+            log.warning(f"during training: {message}")
         return {"first_loss": first, "last_loss": last, "minutes": minutes, "losses": self.history,
-                "images_per_s": speed}
+                "images_per_s": speed, "warnings": list(self.health.warnings)}
 
 
 def validate(model: Model, cfg: TrainConfig, ctx: Context = Context(), *, batch: int) -> Dict[str, float]:
