@@ -116,8 +116,8 @@ class Backend:
 
 class TorchBackend(Backend):
     """A PyTorch `Model` on a device, fp32 or autocast fp16/bf16. The network runs channels-last (NHWC: tensor-core
-    and oneDNN convolutions without layout changes); on a GPU decode + NMS run on odtk._C's kernels when built; `compile`
-    runs it through torch.compile (a slow first batch per input size, faster ones after)."""
+    and oneDNN convolutions without layout changes); on a GPU decode + NMS run on odtk._C's kernels when built;
+    `compile` runs it through torch.compile (a slow first batch per input size, faster ones after)."""
     kind = "PyTorch"
 
     def __init__(self, model, *, device: Optional[Union[str, torch.device]] = None, precision: Optional[str] = None,
