@@ -12,7 +12,6 @@ image pixels): decoding and resizing the images costs the same in every form, so
 """
 import contextlib
 import importlib.util
-import math
 import os
 import statistics
 import tempfile
@@ -29,7 +28,7 @@ from .data import CocoDataset, collate, scaled_size
 from .detector import Detector, TorchBackend
 from .export import ExportConfig, export, export_size
 from .infer import InferConfig, ImageSizes, run as infer_run
-from .utils import OdtkError, log
+from .utils import OdtkError, log, padded
 
 BATCH1_IMAGES = 16       # batch-1 latency: the median over this many images (or --images-limit, if fewer)
 COLUMNS = (("form", "form", "{}"), ("AP", "AP", "{:.4f}"), ("AP50", "AP50", "{:.4f}"),
@@ -86,11 +85,11 @@ def default_size(sizes: Sequence[Tuple[int, int]], *, resize: int, max_size: int
     if not sizes:
         raise OdtkError("no images to size the exports from")
 
-    def padded(height: int, width: int) -> Tuple[int, int]:
+    def input_size(height: int, width: int) -> Tuple[int, int]:
         (h, w), _ = scaled_size(height, width, resize=resize, max_size=max_size)
-        return math.ceil(h / divisible) * divisible, math.ceil(w / divisible) * divisible
+        return padded(h, divisible), padded(w, divisible)
 
-    return Counter(padded(h, w) for h, w in sizes).most_common(1)[0][0]
+    return Counter(input_size(h, w) for h, w in sizes).most_common(1)[0][0]
 
 
 def onnx_missing() -> str:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from .constants import (CROP_ASPECT, CROP_ATTEMPTS, CROP_SCALING, CROP_THRESHOLDS, IMAGE_EXTENSIONS,
                         IMAGENET_MEAN, IMAGENET_STD)
 from .convert import displayed_size, read_size
-from .utils import OdtkError, log
+from .utils import OdtkError, log, padded
 
 Batch = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
@@ -400,7 +400,7 @@ def collate(samples: list, size_divisible: int = 32, pad_to: Optional[Tuple[int,
         return None
     h = max(s[0].shape[1] for s in samples)
     w = max(s[0].shape[2] for s in samples)
-    h, w = pad_to or (int(math.ceil(v / size_divisible) * size_divisible) for v in (h, w))
+    h, w = pad_to or (padded(v, size_divisible) for v in (h, w))
     shape = (len(samples), 3, h, w)
     if get_worker_info() is not None:
         # in a DataLoader worker the batch goes to the main process through shared memory: build it there
