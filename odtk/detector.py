@@ -403,12 +403,12 @@ class Detector:
         if ext == ".plan":
             return cls(PlanBackend.load(path, verbose=verbose), **limits)
         from .fuse import fuse_conv_bn
-        from .model import Model
+        from .model import Model, training_resize
         model, state = Model.load(path)
         fuse_conv_bn(model)     # a fresh model, only ever run: fold its BatchNorms into the convolutions
-        trained = state.get("train_config") or {}
-        return cls(TorchBackend(model, device=device, precision=precision, resize=trained.get("resize", 800),
-                                max_size=trained.get("max_size", 1333), compile=compile), **limits)
+        resize, max_size = training_resize(state)
+        return cls(TorchBackend(model, device=device, precision=precision, resize=resize, max_size=max_size,
+                                compile=compile), **limits)
 
     @classmethod
     def from_model(cls, model, **kwargs) -> "Detector":

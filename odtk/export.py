@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -22,7 +22,7 @@ from . import box as box_ops
 from .constants import DEFAULT_OPSET
 from .checks import at_least, check_export, check_writable
 from .fuse import fused_copy
-from .model import Model
+from .model import Model, training_resize
 from .onnx_meta import metadata, read_metadata, set_metadata  # noqa: F401  (read_metadata: odtk.export's API)
 from .progress import progress
 from .utils import OdtkError, atomic_path, log, padded
@@ -109,8 +109,8 @@ def export_size(size: Sequence[int], divisible: int) -> Tuple[int, int]:
 def preprocess_sizes(cfg: ExportConfig, state: dict) -> Tuple[int, int]:
     """(resize, max_size) that inference applies to a dynamic graph: --resize/--max-size, else the checkpoint's
     training values (what `odtk infer model.pth` and Detector.load use), else odtk's defaults."""
-    trained = state.get("train_config") or {}
-    return cfg.resize or trained.get("resize", 800), cfg.max_size or trained.get("max_size", 1333)
+    resize, max_size = training_resize(state)
+    return cfg.resize or resize, cfg.max_size or max_size
 
 
 class RawHeads(nn.Module):

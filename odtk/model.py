@@ -204,6 +204,13 @@ def _unexpected_globals(path: str) -> List[str]:
     return [g for g in found if g not in allowed]
 
 
+def training_resize(state: dict) -> Tuple[int, int]:
+    """(resize, max_size) a checkpoint's model was trained at (its saved train_config), else ODTK's 800 / 1333:
+    what inference and dynamic-size exports of it apply unless told otherwise."""
+    trained = state.get("train_config") or {}
+    return trained.get("resize", 800), trained.get("max_size", 1333)
+
+
 def read_checkpoint(path: str) -> dict:
     """A checkpoint's contents, its layout version checked and removed. torch.load(weights_only=True): a file that
     would make the unpickler call anything beyond what odtk stores is refused, never run."""
