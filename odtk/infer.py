@@ -158,10 +158,15 @@ def drawn_targets(folder: str, inputs: Sequence[Tuple[str, str]]) -> List[str]:
     when one would replace its input (--save-images pointing at the images themselves)."""
     targets = [os.path.join(folder, drawn_name(name, 0)) for _, name in inputs]
     for (source, _), target in zip(inputs, targets):
-        if same_file(source, target):
-            raise OdtkError(f"--save-images {folder}: the drawn {target} would replace the input image; "
-                            f"give another folder")
+        refuse_replacing(source, target, folder, "drawn", "image")
     return targets
+
+
+def refuse_replacing(source: str, target: str, folder: str, what: str, kind: str) -> None:
+    """--save-images must not write over its own input."""
+    if same_file(source, target):
+        raise OdtkError(f"--save-images {folder}: the {what} {target} would replace the input {kind}; "
+                        f"give another folder")
 
 
 def relative_names(files: Sequence[str]) -> List[str]:
@@ -218,9 +223,7 @@ def run_video(detector: Detector, path: str, cfg: InferConfig) -> Dict[str, floa
     target = None
     if cfg.save_images:
         target = os.path.join(cfg.save_images, os.path.splitext(os.path.basename(path))[0] + ".mp4")
-        if same_file(target, path):
-            raise OdtkError(f"--save-images {cfg.save_images}: the annotated {target} would replace the input "
-                            f"video; give another folder")
+        refuse_replacing(path, target, cfg.save_images, "annotated", "video")
     info = video_info(path)      # PyAV present and the file a video: before the work
     frames, count, start = 0, 0, time.time()
     found_frames = detector.iter_video(path, output_video=target, draw_threshold=cfg.draw_threshold,
