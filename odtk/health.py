@@ -1,6 +1,7 @@
 """Signs that a run trains without learning, checked while it trains (issue 17): box regression that stays flat
 after the warm-up, and detections that no longer depend on the image (the same top box in every image)."""
-from typing import List, Optional
+from collections import deque
+from typing import Deque, List, Optional
 
 import torch
 from torch import Tensor
@@ -54,7 +55,7 @@ class TrainingHealth:
     def __init__(self, *, warmup: int, iters: int, every: int = 25):
         self.warmup, self.iters, self.every = warmup, iters, every
         self.first: List[float] = []
-        self.recent: List[float] = []
+        self.recent: Deque[float] = deque(maxlen=50)
         self.collapsed = 0
         self.said: set = set()
         self.warnings: List[str] = []
@@ -71,9 +72,9 @@ class TrainingHealth:
         if len(self.first) < 20:
             self.first.append(value)
             return None
-        self.recent = (self.recent + [value])[-50:]
+        self.recent.append(value)
         due = max(2 * self.warmup, self.warmup + 100, self.iters // 4)
-        if iteration < due or len(self.recent) < 50 or iteration % self.every:
+        if iteration < due or len(self.recent) < self.recent.maxlen or iteration % self.every:
             return None
         start, now = sum(self.first) / len(self.first), sum(self.recent) / len(self.recent)
         if now > FLAT_BOX_LOSS * start:

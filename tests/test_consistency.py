@@ -1,12 +1,20 @@
 """Training consistency (issue 17): one step's loss and gradients in float32 against a float64 reference at the
 same weights, and the training-health checks that say when a run trains without learning."""
 import copy
+import importlib.util
+import os
 
 import pytest
 import torch
 
 from odtk.health import (COLLAPSE_CHECKS, TrainingHealth, mean_pairwise_iou, relative_boxes, top_boxes)
 from odtk.model import Model, ModelConfig
+
+# the step and the per-part gradients of extras/consistency.py, the tool that compares whole runs
+_spec = importlib.util.spec_from_file_location(
+    "consistency", os.path.join(os.path.dirname(__file__), "..", "extras", "consistency.py"))
+consistency = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(consistency)
 
 
 def _batch(dtype):
@@ -19,17 +27,8 @@ def _batch(dtype):
 
 
 def _step(model, dtype):
-    model.zero_grad(set_to_none=True)
-    images, boxes, labels = _batch(dtype)
-    losses = model.loss(model(images), boxes, labels)
-    (losses["cls"] + losses["box"]).backward()
-    grads = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            part = name.split(".")[0] if name.startswith(("cls_head", "box_head")) else (
-                "body" if ".body." in name else "fpn")
-            grads.setdefault(part, []).append(p.grad.double().flatten())
-    return (losses["cls"] + losses["box"]).double().item(), {k: torch.cat(v) for k, v in grads.items()}
+    losses = consistency.gradients(model, *_batch(dtype))
+    return losses["cls"] + losses["box"], consistency.flat_grads(model)
 
 
 @pytest.mark.parametrize("backbone", ["MobileNetV2FPN", "ResNet18FPN"])
