@@ -13,7 +13,6 @@ python extras/consistency.py compare cpu32.json cpu64.json
 """
 import argparse
 import json
-import math
 import os
 import sys
 from typing import Dict, List

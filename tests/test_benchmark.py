@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'odtk[onnx]')")
 
-from odtk.benchmark import (BenchmarkConfig, benchmark_table, default_size, tensorrt_missing,  # noqa: E402
+from odtk.benchmark import (benchmark_table, default_size, tensorrt_missing,  # noqa: E402
                             work_folder)
 from odtk.infer import InferConfig, infer                                                        # noqa: E402
 from odtk.main import main                                                                       # noqa: E402

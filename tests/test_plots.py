@@ -1,14 +1,11 @@
 """What the model found: evaluation plots (infer --plots), training results.csv/png, progress lines for logs."""
 import csv
 import io
-import json
 import logging
 import os
 import re
 import subprocess
 import sys
-
-import pytest
 
 from conftest import mobilenet_weights
 from odtk.main import main
