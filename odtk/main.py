@@ -64,6 +64,9 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--jitter", type=int, nargs=2, default=[640, 1024], metavar=("MIN", "MAX"),
                    help="random shorter side while training")
     p.add_argument("--iters", type=int, default=90000, help="iterations")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="fine-tune within MINUTES on this machine: resolution from the object sizes, iterations from "
+                        "the measured speed, warm-up and decay to match, gradient clipping on (flags you set are kept)")
     p.add_argument("--milestones", type=int, nargs="*", default=[60000, 80000], help="lr decay iterations")
     p.add_argument("--schedule", type=float, default=1.0, help="scales --iters and --milestones")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate")
@@ -245,7 +248,8 @@ def run(args: argparse.Namespace) -> None:
             anchor_ratios=_anchor_setting(args.anchor_ratios),
             backbone_weights=args.backbone_weights, clip_grad=args.clip_grad, loader_workers=args.loader_workers,
             seed=args.seed, ema=args.ema, workers=args.workers, nodes=args.nodes, node_rank=args.node_rank,
-            master=args.master, with_dali=args.with_dali, device=args.device, verbose=args.verbose)
+            master=args.master, with_dali=args.with_dali, device=args.device, time_budget=args.time_budget,
+            verbose=args.verbose)
         train(cfg)
     elif args.command == "infer":
         from .infer import InferConfig, infer

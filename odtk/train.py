@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from . import recipe
 from .anchors import AUTO, AnchorChoice, data_report, format_report, poor_fit_warning, short_report
 from .backbones import BACKBONES, find_weights, load_imagenet
 from .checks import anchor_setting, at_least, check_writable, non_negative, ordered_range, positive
@@ -76,6 +77,7 @@ class TrainConfig:
     node_rank: int = 0
     master: str = MASTER
     device: str = "auto"             # auto: the GPUs when PyTorch sees one, else the CPU
+    time_budget: Optional[float] = None   # minutes: fit the recipe's defaults to the data and this time (recipe.py)
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -101,6 +103,8 @@ class TrainConfig:
                             *((f"--augment-{k}", getattr(self.augment, k))
                               for k in ("brightness", "contrast", "saturation", "hue"))):
             non_negative(flag, value)
+        if self.time_budget is not None:
+            positive("--time-budget", self.time_budget)
         if self.ema and not 0 < self.ema < 1:
             raise OdtkError(f"--ema {self.ema}: the decay must be between 0 and 1 (e.g. 0.9999)")
         if int(self.iters * self.schedule) < 1:
@@ -384,14 +388,19 @@ def new_state(cfg: TrainConfig, model: Model, saved: dict, device: torch.device)
     return state
 
 
-def starting_point(cfg: TrainConfig) -> Tuple[CocoDataset, Model, dict, bool]:
-    """The training set, the model and its saved training state, and whether MODEL is resumed."""
+def starting_point(cfg: TrainConfig, ctx: Context = Context()) -> Tuple[CocoDataset, Model, dict, bool]:
+    """The training set, the model and its saved training state, and whether MODEL is resumed. With --time-budget,
+    cfg gets the recipe first (a resumed run the one it started with)."""
     resumed = Model.load(cfg.model, ema=False) if os.path.exists(cfg.model) and not cfg.override else None
     dataset = CocoDataset(cfg.images, cfg.annotations, resize=cfg.resize, max_size=cfg.max_size,
                           jitter=cfg.jitter, augment=cfg.augment, require_boxes=True,
                           category_ids=resumed[0].config.category_ids if resumed else None)
+    val_images = 0
     if cfg.val_annotations:   # fail on a bad validation set now, not hours into training
-        CocoDataset(cfg.val_images or cfg.images, cfg.val_annotations, category_ids=dataset.category_ids)
+        val_images = len(CocoDataset(cfg.val_images or cfg.images, cfg.val_annotations,
+                                     category_ids=dataset.category_ids))
+    if cfg.time_budget:
+        budget_recipe(cfg, ctx, dataset, resumed[1] if resumed else None, val_images=val_images)
     if not resumed:
         return (dataset, *build_model(cfg, dataset), False)
     model, saved = resumed
@@ -399,6 +408,32 @@ def starting_point(cfg: TrainConfig) -> Tuple[CocoDataset, Model, dict, bool]:
     log.info(f"resuming {cfg.model} at iteration {saved.get('iteration', 0)}")
     log_data(cfg, anchor_report(cfg, dataset, model.config))
     return dataset, model, saved, True
+
+
+def budget_recipe(cfg: TrainConfig, ctx: Context, dataset: CocoDataset, saved: Optional[dict], *,
+                  val_images: int) -> None:
+    """--time-budget: write the recipe into cfg (and the dataset's sizes); a resumed run keeps its own."""
+    kept = recipe.saved_recipe(saved.get("train_config")) if saved else None
+    if kept:
+        for name, value in kept.items():
+            setattr(cfg, name, tuple(value) if isinstance(value, list) else value)
+        log.info(f"--time-budget: resuming with the recipe {cfg.model} started with")
+    else:
+        given = recipe.given_fields(cfg)
+        backbones = list(cfg.backbone or [DEFAULT_BACKBONE])
+        timed = Model(config=ModelConfig(backbones=backbones, num_classes=len(dataset.category_ids)))
+        per_worker = int(given.get("batch", recipe.BATCH_PER_WORKER * ctx.world_size)) // ctx.world_size
+        ranks = Ranks(ctx)
+
+        def measure(size: Tuple[int, int]) -> float:   # every rank takes the same decisions on the mean
+            seconds = recipe.step_seconds(timed, size=size, batch=per_worker, device=ctx.device)
+            return ranks.mean(torch.tensor([seconds], device=ctx.device))[0]
+
+        chosen = recipe.make_recipe(budget_min=cfg.time_budget, dataset=dataset, measure=measure,
+                                    world_size=ctx.world_size, val_images=val_images, given=given)
+        recipe.apply(cfg, chosen)
+        log.info(chosen.describe(cfg.time_budget) + (f"; kept yours: {', '.join(sorted(given))}" if given else ""))
+    dataset.resize, dataset.max_size, dataset.jitter = cfg.resize, cfg.max_size, cfg.jitter
 
 
 def parallel(model: Model, ctx: Context) -> torch.nn.Module:
@@ -422,7 +457,7 @@ class Trainer:
     def __init__(self, *, cfg: TrainConfig, ctx: Context = Context()):
         torch.manual_seed(cfg.seed)
         self.cfg, self.ctx, self.ranks = cfg, ctx, Ranks(ctx)
-        self.dataset, model, saved, resumed = starting_point(cfg)
+        self.dataset, model, saved, resumed = starting_point(cfg, ctx)
         self.state = new_state(cfg, model, saved, ctx.device)
         self.iters = int(cfg.iters * cfg.schedule)
         self.batch = cfg.batch if cfg.batch is not None else 2 * ctx.world_size   # train() checked the split

@@ -1,0 +1,194 @@
+"""`--time-budget MINUTES`: a fine-tuning recipe fitted to the data and to the time given (issue 15).
+
+The resolution comes from the object sizes: the small objects (5th percentile of box sides) reach SMALL_SIDE
+pixels, between MIN_RESIZE and the images' own size. The iterations come from the measured time of a training step
+at that size, the resolution lowered while the budget buys fewer than MIN_ITERS. Warm-up and decay are fractions
+of the iterations (the shape of the README's BCCD recipe), gradient clipping is on, validation runs at the end.
+Settings left at their defaults are chosen; the ones the user changed are kept.
+"""
+import copy
+import dataclasses
+import math
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .data import CocoDataset
+
+SMALL_SIDE = 24          # px: P3's anchors (stride 8) start near 2-4 strides; smaller objects are poorly matched
+MIN_RESIZE = 256         # below, ImageNet features of a MobileNet/ResNet lose most of their detail
+MAX_RESIZE = 800         # ODTK's own --resize: no reason to go past it for a small dataset
+RESIZE_STEP = 32         # the largest stride of the body: sizes stay multiples of it
+MAX_ASPECT = 1333 / 800  # ODTK's max-size / resize
+JITTER = 0.125           # training shorter side within +-12.5% of the resize (the README's 224-288 around 256)
+MIN_ITERS = 600          # fewer fine-tuning steps than this left every small set of issue 15 under-trained
+WARMUP_SHARE = 0.15      # the README recipe: 100 warm-up iterations of 650, decay at 74% and 92%
+MILESTONE_SHARES = (0.74, 0.92)
+CLIP_GRAD = 10.0
+BATCH_PER_WORKER = 4
+OVERHEAD_S = 20.0        # start-up (model, data, loader workers) and the final checkpoint
+VALIDATION_SHARE = 0.5   # an inference image costs about this share of a training image (no backward)
+MARGIN = 1.1             # data loading shares the CPU with the steps: the measured step alone is optimistic
+
+# TrainConfig fields the recipe sets when they are at their defaults
+FIELDS = ("resize", "max_size", "jitter", "iters", "milestones", "warmup", "clip_grad", "val_iters", "batch")
+
+
+@dataclasses.dataclass
+class Recipe:
+    resize: int
+    max_size: int
+    jitter: Tuple[int, int]
+    batch: int
+    iters: int
+    warmup: int
+    milestones: Tuple[int, ...]
+    clip_grad: float
+    val_iters: int
+    step_s: float            # measured seconds per iteration at `resize`
+
+    def describe(self, budget_min: float) -> str:
+        return (f"--time-budget {budget_min:g}: --resize {self.resize} --max-size {self.max_size} --jitter "
+                f"{self.jitter[0]} {self.jitter[1]} --batch {self.batch} --iters {self.iters} --warmup {self.warmup} "
+                f"--milestones {' '.join(map(str, self.milestones))} --clip-grad {self.clip_grad:g} (a step takes "
+                f"{self.step_s:.2f} s here)")
+
+
+def round_to(value: float, step: int = RESIZE_STEP) -> int:
+    return max(step, int(round(value / step)) * step)
+
+
+def relative_sides(dataset: CocoDataset) -> Tuple[Tensor, Tensor, Tensor]:
+    """Box sides (square root of the area) as shares of their image's shorter side, and the images' shorter sides
+    and aspect ratios (longer / shorter), from the annotations alone."""
+    sides, shorter, aspect = [], [], []
+    for image_id in dataset.ids:
+        height, width = dataset.original_size(image_id)
+        short = min(height, width)
+        shorter.append(short)
+        aspect.append(max(height, width) / short)
+        boxes = dataset.boxes[image_id]
+        if len(boxes):
+            sides.append((boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(1).sqrt() / short)
+    return torch.cat(sides).double(), torch.tensor(shorter, dtype=torch.float64), torch.tensor(aspect,
+                                                                                               dtype=torch.float64)
+
+
+def resolution(sides: Tensor, shorter: Tensor, aspect: Tensor) -> Tuple[int, int]:
+    """(resize, max_size): the small objects at SMALL_SIDE px, no larger than the images (their median shorter
+    side) nor MAX_RESIZE, at least MIN_RESIZE; max-size fits the wide images (95th percentile aspect)."""
+    small = float(torch.quantile(sides, 0.05))
+    native = float(torch.quantile(shorter, 0.5))
+    upper = max(MIN_RESIZE, min(MAX_RESIZE, round_to(native)))
+    resize = min(upper, max(MIN_RESIZE, round_to(math.ceil(SMALL_SIDE / max(small, 1e-6)))))
+    return resize, max_size_for(resize, float(torch.quantile(aspect, 0.95)))
+
+
+def max_size_for(resize: int, aspect: float) -> int:
+    return round_to(resize * min(max(aspect, 1.0), MAX_ASPECT))
+
+
+def schedule(iters: int) -> Tuple[int, Tuple[int, ...]]:
+    """Warm-up and lr milestones as shares of the iterations."""
+    return max(1, round(WARMUP_SHARE * iters)), tuple(max(1, round(s * iters)) for s in MILESTONE_SHARES)
+
+
+def iterations(budget_s: float, step_s: float, *, images_per_step: int, val_images: int) -> int:
+    """Iterations that fit the budget after the start-up and the final validation."""
+    validation_s = VALIDATION_SHARE * step_s * val_images / images_per_step
+    return int(max(0.0, budget_s - OVERHEAD_S - validation_s) / (step_s * MARGIN))
+
+
+def step_seconds(model: torch.nn.Module, *, size: Tuple[int, int], batch: int, device: torch.device,
+                 reps: int = 3) -> float:
+    """Seconds of one training step (forward, loss, backward) of a copy of `model` on a random batch of `size`
+    (height, width), the best of `reps` after a warm-up step."""
+    net = copy.deepcopy(model).to(device).train()
+    x = torch.randn(batch, 3, *size, device=device)
+    h, w = size
+    boxes = torch.tensor([[w * 0.25, h * 0.25, w * 0.75, h * 0.75]], device=device).expand(batch, 1, 4)
+    labels = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    times = []
+    for _ in range(reps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            heads = net(x)
+        losses = net.loss(([t.float() for t in heads[0]], [t.float() for t in heads[1]]), boxes, labels)
+        (losses["cls"] + losses["box"]).backward()
+        net.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def step_size(resize: int, max_size: int, aspect: float) -> Tuple[int, int]:
+    """(height, width) a step is timed at: an image of the median aspect (`aspect`, longer / shorter) resized."""
+    return resize, min(max_size, round_to(resize * aspect))
+
+
+def fit_resolution(resize: int, max_size: int, *, measure: Callable[[Tuple[int, int]], float], aspect: float,
+                   budget_s: float, batch: int, val_images: int) -> Tuple[int, int, float, int]:
+    """Lower the resolution from (resize, max_size) while the budget buys fewer than MIN_ITERS; `measure((height,
+    width))` gives seconds per step. Returns (resize, max_size, step_s, iters)."""
+    wide = max_size / resize
+    while True:
+        step_s = measure(step_size(resize, max_size, aspect))
+        iters = iterations(budget_s, step_s, images_per_step=batch, val_images=val_images)
+        if iters >= MIN_ITERS or resize <= MIN_RESIZE:
+            return resize, max_size, step_s, iters
+        # a step costs about the pixels: jump to the size the budget allows rather than one step at a time
+        wanted = resize * math.sqrt(max(iters, 1) / MIN_ITERS)
+        resize = max(MIN_RESIZE, min(resize - RESIZE_STEP, round_to(wanted)))
+        max_size = max_size_for(resize, wide)
+
+
+def make_recipe(*, budget_min: float, dataset: CocoDataset, measure: Callable[[Tuple[int, int]], float],
+                world_size: int, val_images: int, given: Dict[str, object]) -> Recipe:
+    """The recipe for `budget_min` minutes; `given` holds the settings the user chose (kept as they are)."""
+    sides, shorter, aspect = relative_sides(dataset)
+    resize, max_size = resolution(sides, shorter, aspect)
+    resize = int(given.get("resize", resize))
+    max_size = int(given.get("max_size", max_size_for(resize, max_size / resize)))
+    batch = int(given.get("batch", BATCH_PER_WORKER * world_size))
+    median_aspect = float(aspect.median())
+    if "resize" in given:
+        step_s = measure(step_size(resize, max_size, median_aspect))
+        iters = iterations(budget_min * 60, step_s, images_per_step=batch, val_images=val_images)
+    else:
+        resize, max_size, step_s, iters = fit_resolution(resize, max_size, measure=measure, budget_s=budget_min * 60,
+                                                         aspect=median_aspect, batch=batch, val_images=val_images)
+    iters = int(given.get("iters", max(iters, 1)))
+    warmup, milestones = schedule(iters)
+    spread = round(JITTER * resize)
+    return Recipe(resize=resize, max_size=max_size,
+                  jitter=tuple(given.get("jitter", (resize - spread, resize + spread))), batch=batch, iters=iters,
+                  warmup=int(given.get("warmup", warmup)), milestones=tuple(given.get("milestones", milestones)),
+                  clip_grad=float(given.get("clip_grad", CLIP_GRAD)), val_iters=int(given.get("val_iters", iters)),
+                  step_s=step_s)
+
+
+def apply(cfg, recipe: Recipe) -> None:
+    """Write the recipe into a TrainConfig (and thereby into the checkpoint's train_config)."""
+    for name in FIELDS:
+        setattr(cfg, name, getattr(recipe, name))
+
+
+def given_fields(cfg) -> Dict[str, object]:
+    """The recipe's fields that a TrainConfig sets to something other than its class defaults (the user's)."""
+    def norm(v):
+        return list(v) if isinstance(v, (tuple, list)) else v
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    return {name: getattr(cfg, name) for name in FIELDS if norm(getattr(cfg, name)) != norm(defaults[name])}
+
+
+def saved_recipe(train_config: Optional[dict]) -> Optional[Dict[str, object]]:
+    """The recipe fields a checkpoint was trained with (resuming a --time-budget run keeps its schedule)."""
+    if not train_config or not train_config.get("time_budget"):
+        return None
+    return {name: train_config[name] for name in FIELDS if name in train_config}
+

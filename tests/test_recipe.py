@@ -1,0 +1,110 @@
+"""--time-budget (odtk.recipe): resolution from the object sizes, iterations from the measured speed, the schedule's
+shape, the user's flags kept, and a resumed run keeping the recipe it started with."""
+import torch
+
+from odtk import recipe as R
+from odtk.main import main
+from odtk.model import Model, ModelConfig
+from odtk.train import TrainConfig
+
+
+def test_resolution_brings_the_small_objects_to_small_side():
+    shorter = torch.full((10,), 1000.0, dtype=torch.float64)
+    aspect = torch.full((10,), 1.5, dtype=torch.float64)
+    sides = torch.linspace(0.04, 0.5, 100, dtype=torch.float64)      # 5th percentile 0.063
+    resize, max_size = R.resolution(sides, shorter, aspect)
+    small = float(torch.quantile(sides, 0.05))
+    assert resize % R.RESIZE_STEP == 0
+    assert abs(small * resize - R.SMALL_SIDE) <= small * R.RESIZE_STEP / 2 + 1e-9   # nearest step
+    assert max_size == R.round_to(resize * 1.5)
+
+
+def test_resolution_bounds():
+    aspect = torch.ones(4, dtype=torch.float64)
+    tiny = torch.full((20,), 0.001, dtype=torch.float64)
+    large = torch.full((20,), 0.6, dtype=torch.float64)
+    # tiny objects: up to the images' own size, never past ODTK's 800
+    assert R.resolution(tiny, torch.full((4,), 480.0, dtype=torch.float64), aspect)[0] == 480
+    assert R.resolution(tiny, torch.full((4,), 3000.0, dtype=torch.float64), aspect)[0] == R.MAX_RESIZE
+    # large objects (or small images): never under MIN_RESIZE
+    assert R.resolution(large, torch.full((4,), 480.0, dtype=torch.float64), aspect)[0] == R.MIN_RESIZE
+    assert R.resolution(tiny, torch.full((4,), 100.0, dtype=torch.float64), aspect)[0] == R.MIN_RESIZE
+    # very wide images: max-size capped at ODTK's ratio
+    wide = torch.full((4,), 4.0, dtype=torch.float64)
+    assert R.resolution(large, torch.full((4,), 480.0, dtype=torch.float64), wide)[1] == R.round_to(256 * R.MAX_ASPECT)
+
+
+def test_schedule_has_the_readme_recipes_shape():
+    warmup, milestones = R.schedule(650)
+    assert warmup == 98 and milestones == (481, 598)     # the README's 100 / 480 600 for 650 iterations
+    assert R.schedule(1) == (1, (1, 1))
+
+
+def test_iterations_fit_the_budget():
+    # 30 min, 2 s a step, 40 validation images at batch 4: (1800 - 20 - 0.5 * 2 * 10) / (2 * 1.1)
+    assert R.iterations(1800, 2.0, images_per_step=4, val_images=40) == int((1800 - 20 - 10) / 2.2)
+    assert R.iterations(10, 2.0, images_per_step=4, val_images=0) == 0
+
+
+def test_fit_resolution_lowers_the_size_until_the_budget_buys_enough_steps():
+    seen = []
+
+    def measure(size):   # a step costs its pixels: 1 s at 256 x 256
+        seen.append(size)
+        return size[0] * size[1] / 256 ** 2
+
+    budget = 800 * 1.1 * 1.0 + R.OVERHEAD_S    # 800 steps of 1 s
+    resize, max_size, step_s, iters = R.fit_resolution(640, 864, measure=measure, aspect=1.0, budget_s=budget,
+                                                       batch=4, val_images=0)
+    assert iters >= R.MIN_ITERS and resize < 640 and resize % R.RESIZE_STEP == 0
+    assert seen[0] == (640, 640) and seen[-1] == (resize, resize)
+    assert max_size == R.max_size_for(resize, 864 / 640)
+    # a budget too small for MIN_ITERS even at MIN_RESIZE: it stops there, with what the budget buys
+    resize, _, _, iters = R.fit_resolution(640, 864, measure=measure, aspect=1.0, budget_s=R.OVERHEAD_S + 110,
+                                           batch=4, val_images=0)
+    assert resize == R.MIN_RESIZE and iters == R.iterations(R.OVERHEAD_S + 110, 1.0, images_per_step=4, val_images=0)
+    assert 90 < iters < R.MIN_ITERS
+
+
+def test_given_fields_are_what_differs_from_the_defaults():
+    cfg = TrainConfig(model="m.pth", annotations="a.json", iters=300, jitter=(640, 1024))
+    assert R.given_fields(cfg) == {"iters": 300}
+
+
+def test_step_seconds_times_a_training_step_without_touching_the_model():
+    model = Model(config=ModelConfig(backbones=["MobileNetV2FPN"], num_classes=2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seconds = R.step_seconds(model, size=(64, 96), batch=2, device=torch.device("cpu"), reps=1)
+    assert seconds > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_time_budget_trains_with_the_recipe_and_resume_keeps_it(synthetic, tmp_path, caplog):
+    images, train, val = synthetic
+    model = str(tmp_path / "m.pth")
+    args = ["train", model, "--annotations", train, "--images", images, "--backbone", "MobileNetV2FPN",
+            "--time-budget", "20", "--iters", "4", "--loader-workers", "0", "--val-annotations", val]
+    with caplog.at_level("INFO", logger="odtk"):
+        assert main(args) == 0
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--time-budget 20:")]
+    assert said and "--iters 4 " in said[0] and "kept yours: iters" in said[0]
+    saved = torch.load(model, weights_only=False)
+    cfg = saved["train_config"]
+    assert saved["iteration"] == 4 and cfg["time_budget"] == 20 and cfg["iters"] == 4
+    assert cfg["resize"] == R.MIN_RESIZE and cfg["clip_grad"] == R.CLIP_GRAD and cfg["batch"] == R.BATCH_PER_WORKER
+    assert (cfg["warmup"], tuple(cfg["milestones"])) == R.schedule(4) and cfg["val_iters"] == 4
+    caplog.clear()
+    with caplog.at_level("INFO", logger="odtk"):   # same command again: the saved recipe, nothing re-measured
+        assert main(args) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("resuming with the recipe" in m for m in messages)
+    assert any("already trained for 4 iterations" in m for m in messages)
+    assert not any(m.startswith("--time-budget 20:") for m in messages)
+
+
+def test_time_budget_must_be_positive(synthetic, tmp_path, caplog):
+    images, train, _ = synthetic
+    assert main(["train", str(tmp_path / "m.pth"), "--annotations", train, "--images", images,
+                 "--time-budget", "0"]) == 2
+    assert "--time-budget 0.0: must be a positive finite number" in caplog.text
