@@ -203,6 +203,9 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--val", type=int, default=50, help="validation images")
     p.add_argument("--size", type=int, default=256, help="image side")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--rotated", action="store_true",
+                   help="elongated rectangles and ellipses turned up to 45 degrees either way: rotated COCO (bbox "
+                        "[x, y, w, h, theta] and corners), and their enclosing boxes in train_aabb.json, val_aabb.json")
     p = sub.add_parser("info", help="describe a model file: classes, anchors, parameters, GFLOPs, training",
                        formatter_class=fmt)
     p.add_argument("model", help="model: .pth checkpoint, .onnx or .plan")
@@ -286,7 +289,8 @@ def run(args: argparse.Namespace) -> None:
         write_coco(coco, skipped, args.output)
     elif args.command == "synthetic":
         from .synthetic import write_dataset
-        write_dataset(args.output, train=args.train, val=args.val, size=args.size, seed=args.seed)
+        write_dataset(args.output, train=args.train, val=args.val, size=args.size, seed=args.seed,
+                      rotated=args.rotated)
     elif args.command == "info":
         from .info import format_info, info
         print(format_info(info(args.model, size=args.size)))
