@@ -1,10 +1,12 @@
-"""Turn Pascal VOC XML folders or YOLO txt labels into one COCO JSON."""
+"""Turn Pascal VOC XML folders, YOLO txt labels or DOTA labelTxt files into one COCO JSON."""
 import json
+import math
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 from PIL import Image
 
 from .constants import IMAGE_EXTENSIONS
@@ -18,6 +20,69 @@ VOC_LAYOUTS = ("DIR/Annotations/*.xml with DIR/JPEGImages/ (Pascal VOC), DIR/ann
 EXIF_ORIENTATION = 0x0112
 
 Box = Tuple[float, float, float, float]
+RotatedBbox = Tuple[float, float, float, float, float]     # COCO's rotated bbox: x, y, w, h, theta
+DOTA_HEADERS = ("imagesource", "gsd")
+DOTA_LINE = "x1 y1 x2 y2 x3 y3 x4 y4 class difficult"
+
+
+# Rotated boxes (issue 13) in plain numbers, for reading and writing datasets (odtk.rotated has the tensor API).
+
+def rotate_points(offsets: np.ndarray, centre: Sequence[float], theta: float) -> np.ndarray:
+    """Points given as [N, 2] offsets from `centre` of an unrotated shape, turned by theta about the centre as
+    ODTK's rotate_boxes turns them: (dx, dy) -> (dx cos + dy sin, -dx sin + dy cos), in image coordinates (y
+    down). So a positive theta turns a box counter-clockwise as displayed: see bbox_corners' example."""
+    c, s = math.cos(theta), math.sin(theta)
+    dx, dy = offsets[:, 0], offsets[:, 1]
+    return np.stack([dx * c + dy * s, -dx * s + dy * c], axis=1) + np.asarray(centre, dtype=np.float64)
+
+
+def bbox_corners(bbox: Sequence[float]) -> np.ndarray:
+    """The 4 corners [4, 2] of a rotated COCO bbox [x, y, w, h, theta] (x, y, w, h of the box before the rotation,
+    turned about its centre): the unrotated box's top-left, top-right, bottom-right and bottom-left, turned.
+
+    Example, y pointing down: [51, 43, 20, 10, 0.6435] (sin 0.6, cos 0.8) has corners (50, 50), (66, 38),
+    (72, 46), (56, 58): the top edge rises to the right, the box turned counter-clockwise on screen.
+    """
+    x, y, w, h, theta = (float(v) for v in bbox)
+    offsets = np.array([[-w, -h], [w, -h], [w, h], [-w, h]], dtype=np.float64) / 2
+    return rotate_points(offsets, (x + w / 2, y + h / 2), theta)
+
+
+def fold_angle(width: float, height: float, theta: float) -> Tuple[float, float, float]:
+    """The same rectangle with theta in [-pi/4, pi/4] (ODTK's range): theta shifted by k quarter turns, width and
+    height swapped when k is odd."""
+    k = round(theta / (math.pi / 2))
+    theta -= k * math.pi / 2
+    return (height, width, theta) if k % 2 else (width, height, theta)
+
+
+def min_area_rect(points: np.ndarray) -> Optional[RotatedBbox]:
+    """The smallest rectangle around the [N, 2] points as a rotated COCO bbox, theta in [-pi/4, pi/4]; None when
+    the points span no area.
+
+    The smallest rectangle has a side along an edge of the points' convex hull, and every hull edge joins two of
+    the points: try each pair's direction as the width axis, (cos theta, -sin theta) in bbox_corners' convention.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    best = None
+    for i in range(len(points)):
+        for j in range(i + 1, len(points)):
+            edge = points[j] - points[i]
+            length = math.hypot(*edge)
+            if length == 0:
+                continue
+            u = edge / length
+            v = np.array([-u[1], u[0]])            # the height axis, (sin theta, cos theta)
+            along, across = points @ u, points @ v
+            area = np.ptp(along) * np.ptp(across)
+            if best is None or area < best[0]:
+                best = (area, u, v, along, across)
+    if best is None or best[0] <= 0:
+        return None
+    _, u, v, along, across = best
+    centre = (along.max() + along.min()) / 2 * u + (across.max() + across.min()) / 2 * v
+    w, h, theta = fold_angle(float(np.ptp(along)), float(np.ptp(across)), math.atan2(-u[1], u[0]))
+    return float(centre[0]) - w / 2, float(centre[1]) - h / 2, w, h, theta + 0.0     # + 0.0: -0.0 -> 0.0
 
 
 @dataclass
@@ -33,7 +98,7 @@ class _Coco:
     def category(self, name: str, where: str) -> Optional[int]:
         if name not in self.classes:
             if self.fixed_classes:
-                self.skip(f"class '{name}' not in --classes", where)
+                self.skip(f"class '{name}' not in --class-names", where)
                 return None
             self.classes.append(name)
         return self.classes.index(name) + 1
@@ -76,6 +141,18 @@ class _Coco:
         w, h = x2 - x1, y2 - y1
         self.annotations.append({"id": len(self.annotations) + 1, "image_id": image_id, "category_id": category,
                                  "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": iscrowd})
+
+    def add_rotated(self, image_id: int, category: int, bbox: RotatedBbox, size: Tuple[int, int], where: str,
+                    iscrowd: int = 0) -> None:
+        """Add a rotated bbox [x, y, w, h, theta] with its corners as the segmentation; skip one whose centre is not
+        inside the image (width, height): clipping would change its shape, and the loaders drop those too."""
+        x, y, w, h, _ = bbox
+        if not (0 < x + w / 2 < size[0] and 0 < y + h / 2 < size[1]):
+            self.skip("box centre outside the image", where)
+            return
+        self.annotations.append({"id": len(self.annotations) + 1, "image_id": image_id, "category_id": category,
+                                 "bbox": list(bbox), "segmentation": [bbox_corners(bbox).ravel().tolist()],
+                                 "area": w * h, "iscrowd": iscrowd})
 
     def to_json(self, *, sort_classes: bool = False) -> dict:
         """With `sort_classes`, ids follow the sorted names, so every split of a dataset gets the same ids."""
@@ -246,17 +323,25 @@ def convert_voc(source: str, *, images: Optional[str] = None, split: Optional[st
     return coco.to_json(sort_classes=True), coco.skipped
 
 
-def convert_yolo(source: str, *, images: str, classes: Optional[List[str]] = None) -> Tuple[dict, dict]:
-    """YOLO labels (class cx cy w h, fractions of the image as displayed) + images folder -> COCO dict."""
-    if not images or not os.path.isdir(images):
-        raise OdtkError(f"{images}: YOLO conversion needs --images, the folder of the labelled images")
+def _labelled_images(source: str, images: Optional[str], name: str) -> Dict[str, str]:
+    """Stem -> file name of the images of a label-file format (YOLO, DOTA: one SOURCE/stem.txt per image), after
+    checking both folders."""
+    if not images:
+        raise OdtkError(f"{name} conversion needs --images, the folder of the labelled images")
+    if not os.path.isdir(images):
+        raise OdtkError(f"{images}: images folder not found")
     if not os.path.isdir(source):
         raise OdtkError(f"{source}: no such folder")
-    coco = _Coco(classes=list(classes or []), fixed_classes=bool(classes))
-    stems = {os.path.splitext(f)[0]: f for f in sorted(os.listdir(images))
-             if f.lower().endswith(IMAGE_EXTENSIONS)}
+    stems = {os.path.splitext(f)[0]: f for f in sorted(os.listdir(images)) if f.lower().endswith(IMAGE_EXTENSIONS)}
     if not stems:
         raise OdtkError(f"{images}: no images found")
+    return stems
+
+
+def convert_yolo(source: str, *, images: str, classes: Optional[List[str]] = None) -> Tuple[dict, dict]:
+    """YOLO labels (class cx cy w h, fractions of the image as displayed) + images folder -> COCO dict."""
+    stems = _labelled_images(source, images, "YOLO")
+    coco = _Coco(classes=list(classes or []), fixed_classes=bool(classes))
     for stem, file_name in stems.items():
         # YOLO labels are fractions of the image as displayed (ultralytics applies EXIF orientation): so is its size
         width, height = displayed_size(*read_size(os.path.join(images, file_name)))
@@ -284,6 +369,61 @@ def convert_yolo(source: str, *, images: str, classes: Optional[List[str]] = Non
                 box = ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
                 coco.add_box(image_id, cat, box, (width, height), where)
     return coco.to_json(), coco.skipped
+
+
+def _dota_object(parts: List[str]) -> Tuple[np.ndarray, str, int]:
+    """(4 points [4, 2], class name, difficult) of a DOTA object line's fields (difficult may be left out: 0);
+    ValueError when the line is not DOTA_LINE."""
+    if len(parts) not in (9, 10):
+        raise ValueError
+    points = np.array([float(v) for v in parts[:8]]).reshape(4, 2)
+    if not np.isfinite(points).all():
+        raise ValueError
+    return points, parts[8], int(parts[9]) if len(parts) == 10 else 0
+
+
+def convert_dota(source: str, *, images: Optional[str], classes: Optional[List[str]] = None) -> Tuple[dict, dict]:
+    """DOTA labelTxt files (in `source` or its labelTxt/ subfolder, one per image: stem.txt) + images folder ->
+    rotated COCO dict.
+
+    Each object line (DOTA_LINE) becomes the smallest rectangle around its 4 points (min_area_rect): bbox
+    [x, y, w, h, theta] with theta in [-pi/4, pi/4], segmentation its 4 corners (bbox_corners), area w * h;
+    difficult 1 -> iscrowd 1 (ignored in training and by COCOeval, as VOC's difficult). Header lines
+    (imagesource:..., gsd:...) are skipped; an image without a label file has no objects. Classes are the names
+    sorted, or `classes` (others skipped).
+    """
+    stems = _labelled_images(source, images, "DOTA")
+    folder = _subfolder(source, ("labeltxt",)) or source
+    coco = _Coco(classes=list(classes or []), fixed_classes=bool(classes))
+    for stem, file_name in stems.items():
+        width, height = displayed_size(*read_size(os.path.join(images, file_name)))
+        image_id = coco.add_image(file_name, width, height)
+        label = os.path.join(folder, stem + ".txt")
+        if not os.path.isfile(label):
+            continue
+        with open(label) as f:
+            for n, line in enumerate(f, 1):
+                parts = line.split()
+                if not parts or line.split(":", 1)[0].strip() in DOTA_HEADERS:
+                    continue
+                where = f"{os.path.basename(label)}:{n}"
+                try:
+                    points, name, difficult = _dota_object(parts)
+                except ValueError:
+                    coco.skip(f"malformed line (not '{DOTA_LINE}')", where)
+                    continue
+                # the class first: a class seen only in skipped boxes still gets its id (the same in every split)
+                category = coco.category(name, where)
+                bbox = min_area_rect(points)
+                if bbox is None:
+                    coco.skip("zero-area polygon", where)
+                elif category is not None:
+                    coco.add_rotated(image_id, category, bbox, (width, height), where, iscrowd=int(difficult != 0))
+    orphans = sorted(f for f in os.listdir(folder) if f.endswith(".txt") and os.path.splitext(f)[0] not in stems)
+    if orphans:
+        log.warning(f"{folder}: {len(orphans)} label file{'s' if len(orphans) > 1 else ''} without an image in "
+                    f"{images} (first: {orphans[0]}): skipped")
+    return coco.to_json(sort_classes=True), coco.skipped
 
 
 def write_coco(coco: dict, skipped: dict, output: str) -> None:

@@ -5,6 +5,10 @@ kept), decode (`mixed`, i.e. nvJPEG, when CUDA is present, else CPU with `device
 crop (`fn.random_bbox_crop`, `fn.slice`), the resize rule of `odtk.data.resize_ratio` with the PyTorch
 loader's rounding, flip and colour jitter, normalisation, padding to the stride, and ragged boxes/labels padded
 with `fn.pad` so `DALIGenericIterator` can batch them.
+
+Rotated datasets carry each box (x1, y1, x2, y2, theta) through the reader as a "polygon" of three vertices,
+(x1, y1), (x2, y2), (theta, 0), which the COCO reader passes on untouched (`polygon_masks`, not `ratio`); the
+crop keeps the boxes of `fn.random_bbox_crop`'s kept indices (`fn.segmentation.select_masks`), unclipped.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from typing import TYPE_CHECKING, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -38,16 +42,24 @@ def _import_dali():
 
 def _reader_annotations(dataset: CocoDataset, folder: str) -> str:
     """The boxes CocoDataset kept (crowd, zero-area and outside boxes dropped, the rest clipped), as COCO JSON
-    with the original category ids: both loaders then read the same boxes, and DALI maps the ids itself."""
+    with the original category ids: both loaders then read the same boxes, and DALI maps the ids itself.
+
+    Rotated: bbox is odtk.data.crop_reference's box (what the crop measures), segmentation the box itself as
+    three vertices x1, y1, x2, y2, theta, 0 (see the module's docstring).
+    """
+    from .data import crop_reference
     images, annotations = [], []
     for image_id in dataset.ids:
         images.append({"id": image_id, "file_name": dataset.files[image_id]})
-        boxes = dataset.boxes.get(image_id, torch.zeros(0, 4)).tolist()
+        boxes = dataset.boxes.get(image_id, torch.zeros(0, dataset.box_columns))
         labels = dataset.labels.get(image_id, torch.zeros(0, dtype=torch.long)).tolist()
-        for (x1, y1, x2, y2), label in zip(boxes, labels):
+        reference = crop_reference(boxes, *dataset.original_size(image_id)[::-1]) if dataset.rotated else boxes
+        for (x1, y1, x2, y2), box, label in zip(reference.tolist(), boxes.tolist(), labels):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                 "category_id": dataset.category_ids[label], "bbox": [x1, y1, x2 - x1, y2 - y1],
                                 "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+            if dataset.rotated:
+                annotations[-1]["segmentation"] = [[*box, 0.0]]
     path = os.path.join(folder, "annotations.json")
     with open(path, "w") as f:
         json.dump({"images": images, "annotations": annotations,
@@ -70,24 +82,32 @@ def _pipeline(dataset: CocoDataset, annotations: str, *, batch_size: int, traini
 
     aug = dataset.augment if training else None
     jitter = dataset.jitter if training else None
+    rotated = dataset.rotated
 
     @pipeline_def(batch_size=batch_size, num_threads=max(1, workers), device_id=gpu, seed=seed + rank,
                   exec_dynamic=True)
     def coco():
-        jpegs, boxes, labels, ids = fn.readers.coco(
+        outputs = fn.readers.coco(
             name="Reader", file_root=dataset.root, annotations_file=annotations, ltrb=True, image_ids=True,
             avoid_class_remapping=True,             # the file's category ids, for the lookup table below
             skip_empty=False, size_threshold=1e-6,  # keep images without boxes and every box CocoDataset kept
             shard_id=rank, num_shards=world_size, random_shuffle=training, seed=seed,
-            pad_last_batch=not training)            # whole batches per shard; the iterator drops the padding
+            pad_last_batch=not training,            # whole batches per shard; the iterator drops the padding
+            polygon_masks=rotated)                  # rotated: the boxes themselves (_reader_annotations)
+        jpegs, boxes, labels, *polygons, ids = outputs
         images = fn.decoders.image(jpegs, device="mixed" if gpu is not None else "cpu", output_type=types.RGB)
         shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.FLOAT64)    # H, W as displayed (EXIF applied)
         h, w = shape[0], shape[1]
+        x0 = y0 = 0.0                       # where the image starts in the original (the crop's corner)
         # boxes: pixels of the original -> [0, 1] (random_bbox_crop and bb_flip work there)
         boxes = boxes / fn.cast(fn.stack(w, h, w, h), dtype=types.FLOAT)
         labels = fn.reshape(labels, shape=[-1])
         if aug is not None and aug.crop:    # before the resize, so the jitter and max_size size the crop
-            images, boxes, labels, w, h = _random_crop(images, boxes, labels, w, h)
+            images, boxes, labels, kept, x0, y0, w, h = _random_crop(images, boxes, labels, w, h)
+            if rotated:
+                polygons = fn.segmentation.select_masks(kept, *polygons)
+        if rotated:
+            boxes = _rotated_boxes(polygons[1], x0, y0, w, h)
         if jitter:
             resize = fn.random.uniform(values=[float(v) for v in range(jitter[0], jitter[1] + 1)],
                                        dtype=types.FLOAT64)
@@ -105,8 +125,11 @@ def _pipeline(dataset: CocoDataset, annotations: str, *, batch_size: int, traini
         mirror = 0
         if aug is not None and aug.flip:
             mirror = fn.random.coin_flip(probability=0.5)
-            boxes = fn.bb_flip(boxes, ltrb=True, horizontal=mirror)
-        boxes = boxes * fn.cast(fn.stack(out_w, out_h, out_w, out_h), dtype=types.FLOAT)   # [0, 1] -> pixels
+            boxes = _flip_rotated(boxes, mirror) if rotated else fn.bb_flip(boxes, ltrb=True, horizontal=mirror)
+        scale = fn.cast(fn.stack(out_w, out_h, out_w, out_h), dtype=types.FLOAT)     # [0, 1] -> pixels
+        if rotated:
+            scale = fn.cat(scale, types.Constant([1.0], dtype=types.FLOAT))          # theta stays
+        boxes = boxes * scale
         if aug is not None and (aug.brightness or aug.contrast or aug.saturation or aug.hue):
             images = fn.color_twist(images, **_color_args(aug))
         images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
@@ -121,17 +144,46 @@ def _pipeline(dataset: CocoDataset, annotations: str, *, batch_size: int, traini
     return coco()
 
 
-def _random_crop(images, boxes, labels, w, h):
+def _rotated_boxes(vertices, x0, y0, w, h):
+    """The rotated boxes of the reader's vertices (x1, y1), (x2, y2), (theta, 0) in pixels of the original ->
+    [N, 5] rows x1, y1, x2, y2 in [0, 1] of the image that starts at (x0, y0) of the original and is (w, h)
+    pixels (the crop, else the whole), and theta."""
+    from nvidia.dali import fn, types
+    v = fn.cast(fn.reshape(vertices, shape=[-1, 6]), dtype=types.FLOAT64)
+    return fn.cast(fn.stack((v[:, 0] - x0) / w, (v[:, 1] - y0) / h, (v[:, 2] - x0) / w, (v[:, 3] - y0) / h, v[:, 4],
+                            axis=1), dtype=types.FLOAT)
+
+
+def _flip_rotated(boxes, mirror):
+    """odtk.data.flip_boxes on [0, 1] rows (x1, y1, x2, y2, theta) where `mirror` is 1."""
+    from nvidia.dali import fn
+    flipped = fn.stack(1.0 - boxes[:, 2], boxes[:, 1], 1.0 - boxes[:, 0], boxes[:, 3], -boxes[:, 4], axis=1)
+    return mirror * flipped + (1 - mirror) * boxes
+
+
+class _Crop(NamedTuple):
+    """_random_crop's result: the cropped image; axis-aligned boxes in [0, 1] of it, clipped, and their labels;
+    the indices of the kept boxes; the crop's corner and size in pixels of the original (float64)."""
+    images: object
+    boxes: object
+    labels: object
+    kept: object
+    x: object
+    y: object
+    w: object
+    h: object
+
+
+def _random_crop(images, boxes, labels, w, h) -> _Crop:
     """odtk.data.random_crop_window's SSD crop with fn.random_bbox_crop: the same thresholds, scaling, aspect
-    ratio (in pixels: input_shape) and rule (some box above the threshold). Returns the cropped image, boxes in
-    [0, 1] of the crop, their labels and the crop's width and height (float64 pixels) for the resize maths."""
+    ratio (in pixels: input_shape) and rule (some box above the threshold), in whole pixels."""
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, types
-    anchor, extent, boxes, labels = fn.random_bbox_crop(
+    anchor, extent, boxes, labels, kept = fn.random_bbox_crop(
         boxes, labels, bbox_layout="xyXY", thresholds=list(CROP_THRESHOLDS), scaling=list(CROP_SCALING),
         aspect_ratio=list(CROP_ASPECT), allow_no_crop=True, num_attempts=CROP_ATTEMPTS,
         all_boxes_above_threshold=False, input_shape=fn.cast(fn.stack(w, h), dtype=types.INT32),
-        shape_layout="WH")
+        shape_layout="WH", output_bbox_indices=True)
     anchor, extent = fn.cast(anchor, dtype=types.FLOAT64), fn.cast(extent, dtype=types.FLOAT64)
     # whole pixels as the PyTorch loader's window; the boxes (relative to the exact window) move with it
     x1, y1 = _round_half_even(anchor[0] * w), _round_half_even(anchor[1] * h)
@@ -143,7 +195,7 @@ def _random_crop(images, boxes, labels, w, h):
     scale = fn.cast(fn.stack(extent[0] * w / cw, extent[1] * h / ch), dtype=types.FLOAT)
     shift = fn.cast(fn.stack((anchor[0] * w - x1) / cw, (anchor[1] * h - y1) / ch), dtype=types.FLOAT)
     boxes = dmath.clamp(boxes * fn.cat(scale, scale) + fn.cat(shift, shift), 0.0, 1.0)
-    return images, boxes, labels, cw, ch
+    return _Crop(images, boxes, labels, kept, x1, y1, cw, ch)
 
 
 def _color_args(aug) -> dict:
@@ -171,6 +223,7 @@ class DaliLoader:
     def __init__(self, dataset: CocoDataset, *, batch_size: int, training: bool, size_divisible: int, rank: int,
                  world_size: int, seed: int, workers: int, gpu: Optional[int]):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        self.box_columns = dataset.box_columns
         self._tmp = tempfile.mkdtemp(prefix="odtk-dali-")
         weakref.finalize(self, shutil.rmtree, self._tmp, True)
         annotations = _reader_annotations(dataset, self._tmp)
@@ -202,7 +255,7 @@ class DaliLoader:
             b = out[0]
             boxes, labels = b["boxes"], b["labels"]
             if boxes.shape[1] == 0:         # collate() keeps one (empty) row when no image has a box
-                boxes = boxes.new_zeros(boxes.shape[0], 1, 4)
+                boxes = boxes.new_zeros(boxes.shape[0], 1, self.box_columns)
                 labels = labels.new_full((labels.shape[0], 1), -1)
             yield (b["images"], boxes, labels, b["ids"].reshape(-1).long(),
                    b["ratios"].reshape(-1).to(torch.float64))

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .constants import (CROP_ASPECT, CROP_ATTEMPTS, CROP_SCALING, CROP_THRESHOLDS, IMAGE_EXTENSIONS,
                         IMAGENET_MEAN, IMAGENET_STD)
-from .convert import displayed_size, read_size
+from .convert import displayed_size, fold_angle, read_size
 from .utils import OdtkError, log, padded
 
 Batch = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -29,9 +29,10 @@ Batch = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 class Loader(Protocol):
     """What training and inference use of a loader, make_loader's or odtk.dali's.
 
-    Iterating runs one epoch: batches (images [B, 3, H, W], boxes [B, M, 4], labels [B, M] with -1 padding,
-    image ids [B], resize ratios [B]), or None for a batch whose images were all unreadable. `start(epoch, batch)`
-    positions the next epoch (its shuffle, the batch to resume at); `batches` counts the batches of a whole epoch.
+    Iterating runs one epoch: batches (images [B, 3, H, W], boxes [B, M, 4] (a rotated dataset's [B, M, 5]: x1, y1,
+    x2, y2, theta), labels [B, M] with -1 padding, image ids [B], resize ratios [B]), or None for a batch whose
+    images were all unreadable. `start(epoch, batch)` positions the next epoch (its shuffle, the batch to resume
+    at); `batches` counts the batches of a whole epoch.
     """
 
     @property
@@ -141,9 +142,23 @@ def random_crop_window(width: int, height: int, boxes: Tensor, rng) -> Optional[
                 return window
 
 
+def crop_reference(boxes: Tensor, width: int, height: int) -> Tensor:
+    """The axis-aligned boxes random_crop_window's IoU rule measures: the boxes themselves, or for rotated ones
+    (x1, y1, x2, y2, theta) their enclosing boxes shrunk about the centre to fit in the image. Centred on the
+    box's centre, as the crop's keep rule is, and inside the image, as DALI's fn.random_bbox_crop needs."""
+    if boxes.shape[1] == 4:
+        return boxes
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    cos, sin = boxes[:, 4].cos().abs(), boxes[:, 4].sin().abs()
+    half_w = torch.minimum((w * cos + h * sin) / 2, torch.minimum(cx, width - cx)).clamp(min=0)
+    half_h = torch.minimum((w * sin + h * cos) / 2, torch.minimum(cy, height - cy)).clamp(min=0)
+    return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=1)
+
+
 def _valid_crop(boxes: Tensor, window: Tuple[int, int, int, int], threshold: float) -> bool:
     """Some box has IoU >= threshold with the window and some box centre is inside it (the crop keeps a box)."""
-    iou = box_iou(boxes, torch.tensor([window], dtype=boxes.dtype))[:, 0]
+    iou = box_iou(boxes[:, :4], torch.tensor([window], dtype=boxes.dtype))[:, 0]
     return bool((iou >= threshold).any()) and bool(_centres_inside(boxes, window).any())
 
 
@@ -153,14 +168,43 @@ def _centres_inside(boxes: Tensor, window: Tuple[int, int, int, int]) -> Tensor:
 
 
 def crop_boxes(boxes: Tensor, labels: Tensor, window: Tuple[int, int, int, int]) -> Tuple[Tensor, Tensor]:
-    """Boxes whose centre lies in the window, clipped to it, in its coordinates; zero-area ones dropped."""
+    """Boxes whose centre lies in the window, in its coordinates, clipped to it (zero-area ones dropped); rotated
+    boxes unclipped, as clipping would change their shape."""
     x1, y1, x2, y2 = window
     keep = _centres_inside(boxes, window)
-    boxes = boxes[keep] - torch.tensor([x1, y1, x1, y1], dtype=boxes.dtype)
+    boxes, labels = shift_boxes(boxes[keep], -x1, -y1), labels[keep]
+    if boxes.shape[1] == 5:
+        return boxes, labels
     boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([x2 - x1, y2 - y1] * 2, dtype=boxes.dtype))
-    labels = labels[keep]
     area = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     return boxes[area], labels[area]
+
+
+def shift_boxes(boxes: Tensor, dx: float, dy: float) -> Tensor:
+    """Boxes (x1, y1, x2, y2[, theta]) moved by (dx, dy); theta unchanged."""
+    return boxes + torch.tensor([dx, dy, dx, dy, 0][:boxes.shape[1]], dtype=boxes.dtype)
+
+
+def scale_boxes(boxes: Tensor, sx: float, sy: float) -> Tensor:
+    """Boxes of an image resized by (sx, sy): corners scaled; a rotated box's unrotated box scaled and theta kept
+    (exact when sx == sy, as the loaders' resize keeps the aspect ratio to the rounding of a pixel)."""
+    return boxes * torch.tensor([sx, sy, sx, sy, 1][:boxes.shape[1]], dtype=boxes.dtype)
+
+
+def flip_boxes(boxes: Tensor, width: int) -> Tensor:
+    """Boxes of an image of `width` mirrored left to right; a rotated box's theta changes sign (the mirror image
+    turns the other way)."""
+    mirrored = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+    return torch.cat([mirrored, -boxes[:, 4:]], dim=1)
+
+
+def turn_boxes(boxes: Tensor, width: int) -> Tensor:
+    """Boxes of an image of `width` turned a quarter counter-clockwise (Tensor.rot90(1, (1, 2)) of [3, H, W]): a
+    point (x, y) goes to (y, width - x). A rotated box's centre moves so, its width and height swap and theta
+    stays: a quarter turn added to theta is the same rectangle with the sides swapped. Both come out as the
+    unrotated box (y1, width - x2, y2, width - x1)."""
+    turned = torch.stack([boxes[:, 1], width - boxes[:, 2], boxes[:, 3], width - boxes[:, 0]], dim=1)
+    return torch.cat([turned, boxes[:, 4:]], dim=1)
 
 
 def read_coco(path: str) -> dict:
@@ -188,9 +232,14 @@ def _no_categories(path: str, coco: dict) -> str:
 
 
 MALFORMED = "malformed (needs image_id, category_id and a finite bbox [x, y, width, height])"
+MALFORMED_ROTATED = ("malformed (needs image_id, category_id and a finite bbox [x, y, width, height, theta] or "
+                     "[x, y, width, height])")
+ROTATED_IN_AXIS_ALIGNED = "rotated (a 5-value bbox [x, y, width, height, theta]; this dataset reads axis-aligned boxes)"
 # why an annotation is dropped -> the field the warning quotes from the first such annotation
 DROPPED = {
     MALFORMED: None,
+    MALFORMED_ROTATED: None,
+    ROTATED_IN_AXIS_ALIGNED: "bbox",
     "image_id not in 'images'": None,
     "category_id not in 'categories'": "category_id",
     "crowd (iscrowd)": None,
@@ -200,16 +249,24 @@ DROPPED = {
 }
 
 
-def annotation_box(a: dict, sizes: Dict[int, Tuple[Optional[int], Optional[int]]],
-                   categories: set) -> Tuple[Optional[Tuple[float, float, float, float]], Optional[str]]:
-    """(x1, y1, x2, y2) clipped to the image when `sizes` has its size, or (None, why it is unusable: a DROPPED key)."""
+def annotation_box(a: dict, sizes: Dict[int, Tuple[Optional[int], Optional[int]]], categories: set, *,
+                   rotated: bool = False) -> Tuple[Optional[Tuple[float, ...]], Optional[str]]:
+    """(x1, y1, x2, y2) clipped to the image when `sizes` has its size, or (None, why it is unusable: a DROPPED key).
+
+    `rotated`: (x1, y1, x2, y2, theta) of a bbox [x, y, w, h, theta] (theta 0 for [x, y, w, h]), theta as given,
+    dropped when its centre is not inside the image (clipping would change its shape) instead of clipped.
+    """
+    malformed = MALFORMED_ROTATED if rotated else MALFORMED
     try:
-        x, y, w, h = (float(v) for v in a["bbox"])
+        values = [float(v) for v in a["bbox"]]
         known_image, known_category = a["image_id"] in sizes, a["category_id"] in categories
-    except (KeyError, TypeError, ValueError):     # a missing key, a bbox of the wrong length, a list as an id
-        return None, MALFORMED
-    if not all(map(math.isfinite, (x, y, w, h))):
-        return None, MALFORMED
+    except (KeyError, TypeError, ValueError):     # a missing key, a list as an id
+        return None, malformed
+    if len(values) == 5 and not rotated:
+        return None, ROTATED_IN_AXIS_ALIGNED
+    if len(values) not in (4, 5) or not all(map(math.isfinite, values)):
+        return None, malformed
+    x, y, w, h, theta = (*values, 0.0)[:5]
     if not known_image:
         return None, "image_id not in 'images'"
     if not known_category:
@@ -222,6 +279,10 @@ def annotation_box(a: dict, sizes: Dict[int, Tuple[Optional[int], Optional[int]]
         return None, "zero-area"
     x1, y1, x2, y2 = x, y, x + w, y + h
     width, height = sizes[a["image_id"]]
+    if rotated:
+        if width and height and not (0 < x + w / 2 < width and 0 < y + h / 2 < height):
+            return None, "outside the image"
+        return (x1, y1, x2, y2, theta), None
     if width and height:
         x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
         if x2 <= x1 or y2 <= y1:
@@ -229,13 +290,25 @@ def annotation_box(a: dict, sizes: Dict[int, Tuple[Optional[int], Optional[int]]
     return (x1, y1, x2, y2), None
 
 
-def _describe(a, why: str) -> str:
-    """The annotation a warning points at: its id, its image and the field at fault."""
+ANGLE_SLACK = 1e-6    # radians past pi/4 that folding fixes without a warning (float32 round trips)
+
+
+def fold_box(box: Tuple[float, ...]) -> Tuple[float, ...]:
+    """A rotated box (x1, y1, x2, y2, theta) with theta folded into [-pi/4, pi/4] (convert.fold_angle): the same
+    rectangle about the same centre."""
+    x1, y1, x2, y2, theta = box
+    w, h, theta = fold_angle(x2 - x1, y2 - y1, theta)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, theta
+
+
+def _describe(a, field: Optional[str]) -> str:
+    """The annotation a warning points at: its id, its image and the field at fault (if any)."""
     if not isinstance(a, dict):
         return repr(a)[:80]
     parts = [f"annotation {a.get('id', '?')}", f"image_id {a.get('image_id', '?')}"]
-    if DROPPED[why]:
-        parts.append(f"{DROPPED[why]} {a.get(DROPPED[why])}")
+    if field:
+        parts.append(f"{field} {a.get(field)}")
     return ", ".join(parts)
 
 
@@ -247,14 +320,23 @@ class CocoDataset(Dataset):
     Annotations that cannot be used are dropped with one warning per reason (DROPPED) naming the first one.
     A file without a single usable box is an error with `require_boxes` (training), else a warning.
     `check_files` off skips the check that every image file exists (reports that read only the annotations).
+
+    `rotated`: boxes are rows (x1, y1, x2, y2, theta), the unrotated box's corners and its turn about the centre,
+    from bbox [x, y, w, h, theta] (ODTK's rotated COCO; [x, y, w, h] is theta 0). theta is in radians, in
+    [-pi/4, pi/4] (others folded in: see fold_box), its sign as ODTK's rotate_boxes applies it: an offset (dx, dy)
+    from the centre goes to (dx cos + dy sin, -dx sin + dy cos), y pointing down, so a positive theta turns the
+    box counter-clockwise as displayed: [51, 43, 20, 10, 0.6435] (sin 0.6, cos 0.8) has corners (50, 50),
+    (66, 38), (72, 46), (56, 58). A box whose centre is outside the image is dropped, not clipped.
     """
 
     def __init__(self, images: str, annotations: Optional[str] = None, *, resize: int = 800,
                  max_size: int = 1333, jitter: Optional[Tuple[int, int]] = None, augment: Optional[Augment] = None,
                  category_ids: Optional[Sequence[int]] = None, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, fit: Optional[Tuple[int, int]] = None,
-                 require_boxes: bool = False, check_files: bool = True):
+                 require_boxes: bool = False, check_files: bool = True, rotated: bool = False):
         self.root = images
+        self.rotated = rotated
+        self.box_columns = 5 if rotated else 4
         self.resize, self.max_size, self.jitter = resize, max_size, jitter
         self.fit = fit      # (height, width) of a fixed-size model: scale the image to fit inside it
         self.augment = augment or Augment(flip=False)
@@ -304,24 +386,35 @@ class CocoDataset(Dataset):
         categories = {c["id"] for c in coco["categories"]}
         per_image: Dict[int, list] = {i: [] for i in self.ids}
         dropped: Dict[str, Tuple[int, dict]] = {}      # why -> (count, first annotation)
+        folded: List[dict] = []
         for a in coco["annotations"]:
-            box, why = annotation_box(a, sizes, categories)
+            box, why = annotation_box(a, sizes, categories, rotated=self.rotated)
             if why:
                 n, first = dropped.get(why, (0, a))
                 dropped[why] = (n + 1, first)
-            else:
-                per_image[a["image_id"]].append((*box, index[a["category_id"]]))
+                continue
+            if self.rotated:
+                if abs(box[4]) > math.pi / 4 + ANGLE_SLACK:
+                    folded.append(a)
+                box = fold_box(box)
+            per_image[a["image_id"]].append((*box, index[a["category_id"]]))
         for i, rows in per_image.items():
-            t = torch.tensor(rows, dtype=torch.float32).reshape(-1, 5)
-            self.boxes[i], self.labels[i] = t[:, :4], t[:, 4].long()
+            t = torch.tensor(rows, dtype=torch.float32).reshape(-1, self.box_columns + 1)
+            self.boxes[i], self.labels[i] = t[:, :-1], t[:, -1].long()
         for why, (n, first) in dropped.items():
-            log.warning(f"{path}: dropped {n} box{'es' if n > 1 else ''}: {why}; first: {_describe(first, why)}")
+            log.warning(f"{path}: dropped {n} box{'es' if n > 1 else ''}: {why}; "
+                        f"first: {_describe(first, DROPPED[why])}")
+        if folded:
+            log.warning(f"{path}: {len(folded)} rotated box{'es' if len(folded) > 1 else ''} with theta outside "
+                        f"[-pi/4, pi/4] folded in (theta shifted by quarter turns, width and height swapped for an "
+                        f"odd number: the same rectangle); first: {_describe(folded[0], 'bbox')}")
         if not any(len(rows) for rows in per_image.values()):
             detail = (f"all {len(coco['annotations'])} annotations were dropped (see above)" if coco["annotations"]
                       else "it has no 'annotations'")
             if require_boxes:
+                bbox = "[x, y, width, height, theta]" if self.rotated else "[x, y, width, height]"
                 raise OdtkError(f"{path}: no boxes to train on ({detail}); each object needs an annotation with "
-                                f"image_id, category_id and bbox [x, y, width, height]")
+                                f"image_id, category_id and bbox {bbox}")
             log.warning(f"{path}: not a single box in any image ({detail})")
 
     def __len__(self) -> int:
@@ -349,10 +442,10 @@ class CocoDataset(Dataset):
         except Exception as e:   # a corrupt file mid-run: skip it, say which
             log.warning(f"{path}: cannot read image ({e.__class__.__name__}: {e}); skipped")
             return None
-        boxes = self.boxes.get(image_id, torch.zeros(0, 4)).clone()
+        boxes = self.boxes.get(image_id, torch.zeros(0, self.box_columns)).clone()
         labels = self.labels.get(image_id, torch.zeros(0, dtype=torch.long))
         if self.augment.crop:   # before the resize, so --jitter and --max-size size the crop
-            window = random_crop_window(x.shape[2], x.shape[1], boxes, rng)
+            window = random_crop_window(x.shape[2], x.shape[1], crop_reference(boxes, x.shape[2], x.shape[1]), rng)
             if window is not None:
                 x = x[:, window[1]:window[3], window[0]:window[2]]
                 boxes, labels = crop_boxes(boxes, labels, window)
@@ -360,7 +453,7 @@ class CocoDataset(Dataset):
         resize = rng.randint(*self.jitter) if self.jitter and not self.fit else self.resize
         size, ratio = scaled_size(height, width, resize=resize, max_size=self.max_size, fit=self.fit)
         # rounding makes x and y scales differ slightly from ratio: scale boxes by the real ones
-        boxes *= torch.tensor([size[1] / width, size[0] / height] * 2)
+        boxes = scale_boxes(boxes, size[1] / width, size[0] / height)
         x, boxes = self._augment(resize_image(x, size), boxes, rng)
         return x, boxes, labels, image_id, ratio
 
@@ -370,13 +463,11 @@ class CocoDataset(Dataset):
         if aug.rotate and rng.random() < 0.5:
             k = rng.choice((1, 2, 3))                  # quarter turns counter-clockwise
             for _ in range(k):
-                w = x.shape[2]
+                boxes = turn_boxes(boxes, x.shape[2])
                 x = x.rot90(1, (1, 2))
-                boxes = torch.stack([boxes[:, 1], w - boxes[:, 2], boxes[:, 3], w - boxes[:, 0]], dim=1)
         if aug.flip and rng.random() < 0.5:
             x = x.flip(2)
-            w = x.shape[2]
-            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+            boxes = flip_boxes(boxes, x.shape[2])
         x = x.float().div_(255)
         if aug.brightness:
             x = TF.adjust_brightness(x, rng.uniform(1 - aug.brightness, 1 + aug.brightness))
@@ -394,7 +485,8 @@ class CocoDataset(Dataset):
 
 
 def collate(samples: list, size_divisible: int = 32, pad_to: Optional[Tuple[int, int]] = None):
-    """Pad images to a common size divisible by the stride (or to `pad_to`); pad boxes with label -1."""
+    """Pad images to a common size divisible by the stride (or to `pad_to`); pad boxes (4 or, rotated, 5 columns)
+    with label -1."""
     samples = [s for s in samples if s is not None]
     if not samples:
         return None
@@ -410,7 +502,7 @@ def collate(samples: list, size_divisible: int = 32, pad_to: Optional[Tuple[int,
     else:
         images = samples[0][0].new_zeros(shape)
     m = max(1, max(s[1].shape[0] for s in samples))
-    boxes = torch.zeros(len(samples), m, 4)
+    boxes = torch.zeros(len(samples), m, samples[0][1].shape[1])
     labels = torch.full((len(samples), m), -1, dtype=torch.long)
     for i, (x, b, l, _, _) in enumerate(samples):
         images[i, :, :x.shape[1], :x.shape[2]] = x

@@ -188,15 +188,16 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
                    help="keep the exports and each form's detections here (default: a temp folder, removed)")
     p.add_argument("--loader-workers", type=int, default=2, help="data loader processes for the AP pass")
 
-    p = sub.add_parser("convert", help="Pascal VOC XML or YOLO labels -> COCO JSON", formatter_class=fmt)
-    p.add_argument("source", help="VOC root (with Annotations/) or folder of XML, or YOLO labels folder")
-    p.add_argument("output", help="COCO JSON to write")
-    p.add_argument("--format", choices=["voc", "yolo"], default="voc", help="input format")
-    p.add_argument("--images", help="images folder (YOLO: required; VOC: default JPEGImages beside)")
+    p = sub.add_parser("convert", help="Pascal VOC XML, YOLO or DOTA labels -> COCO JSON", formatter_class=fmt)
+    p.add_argument("source", help="VOC root (with Annotations/) or folder of XML, YOLO labels folder, or DOTA "
+                                  "labelTxt folder")
+    p.add_argument("output", help="COCO JSON to write (DOTA: rotated, bbox [x, y, w, h, theta] and corners)")
+    p.add_argument("--format", choices=["voc", "yolo", "dota"], default="voc", help="input format")
+    p.add_argument("--images", help="images folder (YOLO, DOTA: required; VOC: default JPEGImages beside)")
     p.add_argument("--split", help="VOC ImageSets/Main/<split>.txt to restrict to (e.g. trainval, test)")
     p.add_argument("--image-set", help="file listing the image ids to keep")
     p.add_argument("--class-names", nargs="+", metavar="NAME",
-                   help="class names in id order (YOLO: names of indices 0..N-1; VOC: keep only these)")
+                   help="class names in id order (YOLO: names of indices 0..N-1; VOC, DOTA: keep only these)")
 
     p = sub.add_parser("synthetic", help="write a small synthetic COCO dataset (shapes on noise)",
                        formatter_class=fmt)
@@ -205,6 +206,9 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--val", type=int, default=50, help="validation images")
     p.add_argument("--size", type=int, default=256, help="image side")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--rotated", action="store_true",
+                   help="elongated rectangles and ellipses turned up to 45 degrees either way: rotated COCO (bbox "
+                        "[x, y, w, h, theta] and corners), and their enclosing boxes in train_aabb.json, val_aabb.json")
     p = sub.add_parser("info", help="describe a model file: classes, anchors, parameters, GFLOPs, training",
                        formatter_class=fmt)
     p.add_argument("model", help="model: .pth checkpoint, .onnx or .plan")
@@ -279,16 +283,18 @@ def run(args: argparse.Namespace) -> None:
                                          loader_workers=args.loader_workers, verbose=args.verbose))
         print(benchmark_table(rows))   # the library returns the rows; showing them is the CLI's job
     elif args.command == "convert":
-        from .convert import convert_voc, convert_yolo, write_coco
+        from .convert import convert_dota, convert_voc, convert_yolo, write_coco
         if args.format == "voc":
             coco, skipped = convert_voc(args.source, images=args.images, split=args.split,
                                         image_set=args.image_set, classes=args.class_names)
         else:
-            coco, skipped = convert_yolo(args.source, images=args.images, classes=args.class_names)
+            convert = convert_yolo if args.format == "yolo" else convert_dota
+            coco, skipped = convert(args.source, images=args.images, classes=args.class_names)
         write_coco(coco, skipped, args.output)
     elif args.command == "synthetic":
         from .synthetic import write_dataset
-        write_dataset(args.output, train=args.train, val=args.val, size=args.size, seed=args.seed)
+        write_dataset(args.output, train=args.train, val=args.val, size=args.size, seed=args.seed,
+                      rotated=args.rotated)
     elif args.command == "info":
         from .info import format_info, info
         print(format_info(info(args.model, size=args.size)))
