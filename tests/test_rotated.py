@@ -107,28 +107,28 @@ def test_iou_matches_shapely_on_random_pairs(dtype):
                                                        ).view(300, 200), atol=1e-4, rtol=0)
 
 
+def box_at(cx: float, cy: float, w: float, h: float, theta: float, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, theta], dtype=dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_iou_special_cases(dtype):
     t = math.pi / 7
-    big = torch.tensor([0.0, 0.0, 40.0, 20.0, t], dtype=dtype)
-    small = torch.tensor([15.0, 5.0, 25.0, 15.0, t + 0.3], dtype=dtype)      # well inside big
-    shifted = torch.tensor([40.0, 0.0, 80.0, 20.0, 0.0], dtype=dtype)
+    big = box_at(20, 10, 40, 20, t, dtype)
+    # its neighbour along its turned x axis (cos t, -sin t): they share an edge
+    beside = box_at(20 + 40 * math.cos(t), 10 - 40 * math.sin(t), 40, 20, t, dtype)
+    small = box_at(21, 9, 10, 10, t + 0.3, dtype)                          # well inside big
+    flat = box_at(20, 10, 40, 20, 0.0, dtype)
     cases = {
         "identical": (big, big, 1.0),
         "nested": (big, small, 100 / 800),
         "nested, swapped": (small, big, 100 / 800),
-        # side by side along a shared edge, both turned by t about the first one's centre: they touch
-        "touching": (big, torch.cat([R.centres(big) + 40 * torch.tensor([math.cos(t), -math.sin(t)],
-                                                                          dtype=dtype) - torch.tensor([20, 10]),
-                                     R.centres(big) + 40 * torch.tensor([math.cos(t), -math.sin(t)],
-                                                                         dtype=dtype) + torch.tensor([20, 10]),
-                                     big[4:]]), 0.0),
-        "disjoint": (big, big + torch.tensor([100, 0, 100, 0, 0], dtype=dtype), 0.0),
-        "zero width": (big, torch.tensor([10.0, 0.0, 10.0, 20.0, 0.3], dtype=dtype), 0.0),
-        "zero height": (torch.tensor([0.0, 5.0, 40.0, 5.0, 0.0], dtype=dtype), big, 0.0),
-        "both a point": (torch.tensor([5.0, 5.0, 5.0, 5.0, 0.0], dtype=dtype),) * 2 + (0.0,),
-        "half overlap, unrotated": (torch.tensor([0.0, 0.0, 40.0, 20.0, 0.0], dtype=dtype), shifted - 20 *
-                                    torch.tensor([1, 0, 1, 0, 0], dtype=dtype), 1 / 3),
+        "touching": (big, beside, 0.0),
+        "disjoint": (big, box_at(120, 10, 40, 20, t, dtype), 0.0),
+        "zero width": (big, box_at(20, 10, 0, 20, 0.3, dtype), 0.0),
+        "zero height": (box_at(20, 5, 40, 0, 0.0, dtype), big, 0.0),
+        "both a point": (box_at(5, 5, 0, 0, 0.0, dtype), box_at(5, 5, 0, 0, 0.0, dtype), 0.0),
+        "half overlap, unrotated": (flat, box_at(40, 10, 40, 20, 0.0, dtype), 1 / 3),
     }
     for name, (a, b, expected) in cases.items():
         got = R.pair_iou(a[None], b[None])
@@ -136,8 +136,8 @@ def test_iou_special_cases(dtype):
         assert not got.isnan().any() and not matrix.isnan().any(), name
         assert got.item() == pytest.approx(expected, abs=1e-6), name
         assert matrix.item() == pytest.approx(expected, abs=1e-6), name
-    unrotated = torch.tensor([[0.0, 0.0, 40.0, 20.0, 0.0]], dtype=dtype)
-    assert R.rotated_box_iou(unrotated, shifted[None]).item() == 0      # touching, axis-aligned: exactly 0
+    # touching, axis-aligned: exactly 0
+    assert R.rotated_box_iou(flat[None], box_at(60, 10, 40, 20, 0.0, dtype)[None]).item() == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
