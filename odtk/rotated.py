@@ -27,33 +27,26 @@ PAIR_CHUNK = 1 << 15
 TEST_CHUNK = 1 << 22
 
 
-def _rotate(offsets: Tensor, theta: Tensor) -> Tensor:
-    """Offsets [..., K, 2] from a centre turned by theta [...] the ODTK way (see the module docstring)."""
-    cos, sin = theta.cos()[..., None], theta.sin()[..., None]
-    dx, dy = offsets[..., 0], offsets[..., 1]
-    return torch.stack([cos * dx + sin * dy, cos * dy - sin * dx], dim=-1)
-
-
-def _turn(offsets: Tensor, theta: Tensor) -> Tensor:
-    """How far _rotate moves the offsets [..., K, 2]: (R - I) offsets, exactly 0 at theta = 0 (cos - 1 is taken
-    as -2 sin^2(theta / 2)), so corners of unrotated boxes are the inputs themselves, without rounding."""
-    cos_1, sin = (-2 * (theta / 2).sin() ** 2)[..., None], theta.sin()[..., None]
-    dx, dy = offsets[..., 0], offsets[..., 1]
-    return torch.stack([cos_1 * dx + sin * dy, cos_1 * dy - sin * dx], dim=-1)
-
-
 def centres(boxes: Tensor) -> Tensor:
     """Box centres [..., 2] (rotation keeps them)."""
     return (boxes[..., :2] + boxes[..., 2:4]) / 2
 
 
+def _corners_xy(boxes: Tensor) -> Tuple[Tensor, Tensor]:
+    """corners() as x [..., 4] and y [..., 4]. Each corner moves from the unrotated one by (R - I) times its offset
+    from the centre, with cos - 1 taken as -2 sin^2(theta / 2): exactly 0 at theta = 0, so the corners of unrotated
+    boxes are the inputs themselves, without rounding."""
+    x1, y1, x2, y2, theta = boxes.unbind(-1)
+    x, y = torch.stack([x1, x2, x2, x1], dim=-1), torch.stack([y1, y1, y2, y2], dim=-1)
+    dx, dy = x - ((x1 + x2) / 2)[..., None], y - ((y1 + y2) / 2)[..., None]
+    cos_1, sin = (-2 * (theta / 2).sin() ** 2)[..., None], theta.sin()[..., None]
+    return x + cos_1 * dx + sin * dy, y + cos_1 * dy - sin * dx
+
+
 def corners(boxes: Tensor) -> Tensor:
     """The 4 corners [..., 4, 2] of rotated boxes [..., 5]: the unrotated box's top-left, top-right, bottom-right,
     bottom-left (in that order, so the polygon keeps one winding), each turned about the centre by theta."""
-    x1, y1, x2, y2 = boxes[..., 0], boxes[..., 1], boxes[..., 2], boxes[..., 3]
-    unrotated = torch.stack([torch.stack([x1, y1], -1), torch.stack([x2, y1], -1), torch.stack([x2, y2], -1),
-                             torch.stack([x1, y2], -1)], dim=-2)
-    return unrotated + _turn(unrotated - centres(boxes)[..., None, :], boxes[..., 4])
+    return torch.stack(_corners_xy(boxes), dim=-1)
 
 
 def enclosing_boxes(boxes: Tensor) -> Tensor:
@@ -79,55 +72,62 @@ def grid_anchors_rotated(cell_anchors: Tensor, stride: int, height: int, width: 
 
 
 # -- IoU -----------------------------------------------------------------------------------------------------------
-def _cross(a: Tensor, b: Tensor) -> Tensor:
-    return a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
+# The IoU works on x and y as separate [P, K] tensors: interleaved [..., 2] pairs cost a copy at every stack
+def _in_frame(x: Tensor, y: Tensor, box: Tensor) -> Tuple[Tensor, Tensor]:
+    """Offsets x, y [P, K] turned into the frame of `box` [P, 5] (the inverse of its rotation)."""
+    cos, sin = box[:, 4, None].cos(), box[:, 4, None].sin()
+    return cos * x - sin * y, sin * x + cos * y
 
 
-def _clip(start: Tensor, step: Tensor, lo: Tensor, hi: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Liang-Barsky: the range [t0, t1] of t in [0, 1] where start + t * step lies within lo <= . <= hi on both
-    axes, and whether it is not empty. All [P, E, 2] (E segments per pair), in the clipping box's frame."""
+def _slab(start: Tensor, step: Tensor, half: Tensor) -> Tuple[Tensor, Tensor]:
+    """Liang-Barsky on one axis: the range (enter, leave) of t where -half <= start + t * step <= half; all t if
+    the segment runs along the slab inside it, none (enter = inf) if outside."""
     moving = step != 0
-    still_inside = (start >= lo) & (start <= hi)
-    step = torch.where(moving, step, torch.ones_like(step))
-    ta, tb = (lo - start) / step, (hi - start) / step
-    inf = torch.full_like(ta, math.inf)
-    enter = torch.where(moving, torch.minimum(ta, tb), torch.where(still_inside, -inf, inf)).amax(dim=-1)
-    leave = torch.where(moving, torch.maximum(ta, tb), torch.where(still_inside, inf, -inf)).amin(dim=-1)
-    found = (enter <= leave) & (enter <= 1) & (leave >= 0)
-    return enter.clamp(0, 1), leave.clamp(0, 1), found
+    safe = torch.where(moving, step, torch.ones_like(step))
+    ta, tb = (-half - start) / safe, (half - start) / safe
+    inside = start.abs() <= half
+    never, always = torch.full_like(ta, math.inf), torch.full_like(ta, -math.inf)
+    enter = torch.where(moving, torch.minimum(ta, tb), torch.where(inside, always, never))
+    leave = torch.where(moving, torch.maximum(ta, tb), torch.where(inside, never, always))
+    return enter, leave
 
 
-def _inside_parts(points: Tensor, box: Tensor, tol: Tensor) -> Tuple[Tensor, Tensor]:
-    """The ends [P, 8, 2] of the parts of a quad's edges (points [P, 4, 2], the corners in order) that lie in `box`
+def _inside_parts(x: Tensor, y: Tensor, box: Tensor, tol: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The ends x, y [P, 8] of the parts of a quad's edges (corners x, y [P, 4], in order) that lie in `box`
     [P, 5], and which exist [P, 8].
 
-    An edge parallel to a border of the box (to within `tol` [P] over its length) is tested against that border
+    An edge parallel to a border of the box (to within `tol` [P, 1] over its length) is tested against that border
     moved out by `tol`, so that an edge lying on it stays in whatever the rounding (identical boxes). Borders the
     edge crosses are not moved: that would move every crossing, where rounding only costs an ulp.
     """
-    step = points.roll(-1, dims=1) - points
-    start = _rotate(points - centres(box)[:, None, :], -box[:, 4])     # in the box's frame
-    local = _rotate(step, -box[:, 4])
-    tol = tol[:, None, None]
-    half = (box[:, None, 2:4] - box[:, None, :2]).clamp(min=0) / 2 + torch.where(local.abs() <= tol, tol, 0)
-    t0, t1, found = _clip(start, local, -half, half)
-    ends = torch.cat([points + t0[..., None] * step, points + t1[..., None] * step], dim=1)
-    return ends, found.repeat(1, 2)
+    step_x, step_y = x.roll(-1, dims=1) - x, y.roll(-1, dims=1) - y
+    centre = centres(box)
+    start_x, start_y = _in_frame(x - centre[:, :1], y - centre[:, 1:], box)
+    along_x, along_y = _in_frame(step_x, step_y, box)
+    half = (box[:, 2:4] - box[:, :2]).clamp(min=0) / 2
+    half_x = half[:, :1] + torch.where(along_x.abs() <= tol, tol, 0)
+    half_y = half[:, 1:] + torch.where(along_y.abs() <= tol, tol, 0)
+    enter_x, leave_x = _slab(start_x, along_x, half_x)
+    enter_y, leave_y = _slab(start_y, along_y, half_y)
+    enter, leave = torch.maximum(enter_x, enter_y), torch.minimum(leave_x, leave_y)
+    found = (enter <= leave) & (enter <= 1) & (leave >= 0)
+    t0, t1 = enter.clamp(0, 1), leave.clamp(0, 1)
+    ends_x = torch.cat([x + t0 * step_x, x + t1 * step_x], dim=1)
+    ends_y = torch.cat([y + t0 * step_y, y + t1 * step_y], dim=1)
+    return ends_x, ends_y, found.repeat(1, 2)
 
 
-def _polygon_area(points: Tensor, valid: Tensor) -> Tensor:
-    """Area [P] of the convex polygon whose vertices are the valid points [P, K, 2] (in any order, repeats
+def _polygon_area(x: Tensor, y: Tensor, valid: Tensor) -> Tensor:
+    """Area [P] of the convex polygon whose vertices are the valid points x, y [P, K] (in any order, repeats
     allowed): sort them by angle about their mean, then the shoelace formula about that mean."""
-    points = torch.where(valid[..., None], points, torch.zeros_like(points))
     count = valid.sum(dim=1, keepdim=True).clamp(min=1)
-    rel = points - points.sum(dim=1, keepdim=True) / count[..., None]
-    angle = torch.atan2(rel[..., 1], rel[..., 0]).masked_fill(~valid, math.inf)
-    order = angle.argsort(dim=1)
-    rel = rel.gather(1, order[..., None].expand_as(rel))
-    valid = valid.gather(1, order)
+    x = x - (x * valid).sum(dim=1, keepdim=True) / count
+    y = y - (y * valid).sum(dim=1, keepdim=True) / count
+    order = torch.atan2(y, x).masked_fill(~valid, math.inf).argsort(dim=1)
+    x, y, valid = x.gather(1, order), y.gather(1, order), valid.gather(1, order)
     # the missing points repeat the first one: the closing edges they add have no area
-    rel = torch.where(valid[..., None], rel, rel[:, :1])
-    return _cross(rel, rel.roll(-1, dims=1)).sum(dim=1).abs() / 2
+    x, y = torch.where(valid, x, x[:, :1]), torch.where(valid, y, y[:, :1])
+    return (x * y.roll(-1, dims=1) - y * x.roll(-1, dims=1)).sum(dim=1).abs() / 2
 
 
 def pair_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -143,12 +143,14 @@ def pair_iou(a: Tensor, b: Tensor) -> Tensor:
     origin = b[:, :2].repeat(1, 2)
     a = torch.cat([a[:, :4] - origin, a[:, 4:]], dim=1)
     b = torch.cat([b[:, :4] - origin, b[:, 4:]], dim=1)
-    pa, pb = corners(a), corners(b)
+    (ax, ay), (bx, by) = _corners_xy(a), _corners_xy(b)
     # a few ulps of the pair's scale: more than the rounding of the frames, and adds at most slivers that thin
-    tol = torch.cat([pa, pb], dim=1).abs().amax(dim=(1, 2)) * (4 * torch.finfo(a.dtype).eps)
-    ends_a, found_a = _inside_parts(pa, b, tol)
-    ends_b, found_b = _inside_parts(pb, a, tol)
-    inter = _polygon_area(torch.cat([ends_a, ends_b], dim=1), torch.cat([found_a, found_b], dim=1))
+    scale = torch.cat([ax, ay, bx, by], dim=1).abs().amax(dim=1, keepdim=True)
+    tol = scale * (4 * torch.finfo(a.dtype).eps)
+    ends_ax, ends_ay, found_a = _inside_parts(ax, ay, b, tol)
+    ends_bx, ends_by, found_b = _inside_parts(bx, by, a, tol)
+    inter = _polygon_area(torch.cat([ends_ax, ends_bx], dim=1), torch.cat([ends_ay, ends_by], dim=1),
+                          torch.cat([found_a, found_b], dim=1))
     area_a, area_b = B.box_area(a), B.box_area(b)
     inter = torch.minimum(inter, torch.minimum(area_a, area_b))     # rounding never makes IoU exceed 1
     union = area_a + area_b - inter

@@ -161,11 +161,13 @@ def test_iou_chunks_batches_and_half_precision(monkeypatch):
     whole = R.rotated_box_iou(anchors, boxes.view(-1, 5))
     monkeypatch.setattr(R, "PAIR_CHUNK", 7)
     monkeypatch.setattr(R, "TEST_CHUNK", 50)
-    assert torch.equal(R.rotated_box_iou(anchors, boxes.view(-1, 5)), whole)
+    # vectorised sin/atan2 may round a chunk's last elements differently: not bit for bit
+    assert torch.allclose(R.rotated_box_iou(anchors, boxes.view(-1, 5)), whole, atol=1e-6, rtol=0)
+    assert (whole > 0).sum() > 200
     batched = R.batched_rotated_box_iou(anchors, boxes)
     assert batched.shape == (3, 200, 7)
     for i in range(3):
-        assert torch.equal(batched[i], whole[:, 7 * i:7 * (i + 1)])
+        assert torch.allclose(batched[i], whole[:, 7 * i:7 * (i + 1)], atol=1e-6, rtol=0)
     half = R.rotated_box_iou(anchors.half(), boxes.view(-1, 5).half())
     assert half.dtype == torch.float32 and torch.allclose(half, whole, atol=0.05)
     assert R.rotated_box_iou(anchors[:0], boxes.view(-1, 5)).shape == (0, 21)
