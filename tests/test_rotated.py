@@ -59,6 +59,10 @@ def test_corners_docstring_example():
     tl, tr = R.corners(square)[:2]
     assert torch.allclose(tr, torch.tensor([1, 1 - math.sqrt(2)], dtype=torch.float64))
     assert torch.allclose(tl, torch.tensor([1 - math.sqrt(2), 1], dtype=torch.float64))
+    # the data side's example (odtk.convert.bbox_corners): COCO [51, 43, 20, 10, theta], sin 0.6, cos 0.8
+    box = torch.tensor([51, 43, 71, 53, math.atan2(0.6, 0.8)], dtype=torch.float64)
+    assert torch.allclose(R.corners(box), torch.tensor([[50, 50], [66, 38], [72, 46], [56, 58.0]],
+                                                       dtype=torch.float64))
 
 
 def test_unrotated_corners_and_enclosing_boxes_are_exact():
