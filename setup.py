@@ -124,7 +124,9 @@ setup(
     install_requires=["torch>=2.6", "torchvision>=0.21", "pycocotools", "pillow", "numpy", "tqdm", "requests",
                       "tensorboardX"],
     extras_require={
-        "test": ["pytest", "onnx", "onnxruntime", "onnxscript", "nvidia-dali-cuda130", "matplotlib>=3.6", "av"],
+        # shapely: tests/test_rotated.py checks the rotated IoU against its polygon intersection
+        "test": ["pytest", "onnx", "onnxruntime", "onnxscript", "nvidia-dali-cuda130", "matplotlib>=3.6", "av",
+                 "shapely"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "dali": ["nvidia-dali-cuda130"],
         "plots": ["matplotlib>=3.6"],   # odtk.plots: Figure(layout=...) and Axes.bar_label

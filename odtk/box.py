@@ -1,5 +1,5 @@
 """Anchors, box encoding and target assignment: small pure functions on tensors."""
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import math
 
@@ -86,8 +86,18 @@ def assign_targets(anchors: Tensor, boxes: Tensor, labels: Tensor, *, fg_iou: fl
     if boxes.shape[1] == 0:
         return (torch.full((batch, anchors.shape[0]), -1, dtype=torch.long, device=anchors.device),
                 torch.zeros(batch, anchors.shape[0], 4, device=anchors.device))
+    cls_target, best_box = match_anchors(batched_box_iou(anchors, boxes), labels, fg_iou=fg_iou, bg_iou=bg_iou,
+                                         low_quality=low_quality)
+    matched_boxes = boxes.gather(1, best_box[..., None].expand(-1, -1, 4))
+    box_target = box2delta(matched_boxes, anchors[None])
+    return cls_target, box_target
+
+
+def match_anchors(iou: Tensor, labels: Tensor, *, fg_iou: float, bg_iou: float, low_quality: bool
+                  ) -> Tuple[Tensor, Tensor]:
+    """assign_targets' matching, on any anchor/box IoU [B, A, M] (M >= 1) and labels [B, M] (-1 = padding):
+    class targets [B, A] (label, -1 background, -2 ignored) and the index of each anchor's box [B, A]."""
     valid = labels >= 0
-    iou = batched_box_iou(anchors, boxes)
     iou = iou.masked_fill(~valid[:, None, :], -1.0)
     best_iou, best_box = iou.max(dim=2)                         # [B, A]
     if low_quality:
@@ -102,9 +112,7 @@ def assign_targets(anchors: Tensor, boxes: Tensor, labels: Tensor, *, fg_iou: fl
     cls_target = torch.where(best_iou < bg_iou, torch.full_like(cls_target, -1), cls_target)
     if low_quality:
         cls_target = torch.where(claimed, matched_labels, cls_target)
-    matched_boxes = boxes.gather(1, best_box[..., None].expand(-1, -1, 4))
-    box_target = box2delta(matched_boxes, anchors[None])
-    return cls_target, box_target
+    return cls_target, best_box
 
 
 def anchor_major(head: Tensor, num_anchors: int) -> Tensor:
@@ -135,18 +143,20 @@ def top_k(scores: Tensor, k: int, *, floor: float = -math.inf) -> Tuple[Tensor, 
 
 
 def decode(cls_heads: List[Tensor], box_heads: List[Tensor], anchors: List[Tensor], *,
-           threshold: float = 0.05, top_n: int = 1000, image_size: Tuple[int, int] = None
+           threshold: float = 0.05, top_n: int = 1000, image_size: Tuple[int, int] = None,
+           box_channels: int = 4, to_boxes: Callable[..., Tensor] = delta2box
            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-level score threshold and top-n, then deltas -> boxes.
 
     Heads are [B, A*C, H, W] and [B, A*4, H, W] per level, anchors [H*W*A, 4]. Returns flat
     (batch index, score, box, class) over all levels; within a level and image, candidates come in `top_k`'s order
-    (score descending, then flat anchor index (y, x, a, c) ascending).
+    (score descending, then flat anchor index (y, x, a, c) ascending). `box_channels` deltas per anchor, turned
+    into boxes by `to_boxes(deltas, anchors, image_size)` (odtk.rotated.decode_rotated passes its own).
     """
     out_b, out_s, out_box, out_c = [], [], [], []
     for cls_head, box_head, level_anchors in zip(cls_heads, box_heads, anchors):
         b = cls_head.shape[0]
-        num_anchors = box_head.shape[1] // 4
+        num_anchors = box_head.shape[1] // box_channels
         num_classes = cls_head.shape[1] // num_anchors
         scores = anchor_major(cls_head.sigmoid(), num_anchors).reshape(b, -1)      # (y, x, a, c)
         deltas = anchor_major(box_head, num_anchors)
@@ -158,7 +168,7 @@ def decode(cls_heads: List[Tensor], box_heads: List[Tensor], anchors: List[Tenso
         out_b.append(batch_idx)
         out_s.append(top_scores[keep])
         out_c.append(flat_idx % num_classes)
-        out_box.append(delta2box(deltas[batch_idx, anchor_idx].float(), level_anchors[anchor_idx], image_size))
+        out_box.append(to_boxes(deltas[batch_idx, anchor_idx].float(), level_anchors[anchor_idx], image_size))
     return torch.cat(out_b), torch.cat(out_s), torch.cat(out_box), torch.cat(out_c)
 
 
