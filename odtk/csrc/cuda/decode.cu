@@ -37,8 +37,8 @@ __global__ void make_keys(const float* scores, const int* indices, const int* co
 
 // Box arithmetic in the same order and rounding as odtk.box.grid_anchors + delta2box (no FMA contraction),
 // so the GPU boxes equal PyTorch's up to expf's last bits. Rotated: anchors (x1, y1, x2, y2, theta), deltas
-// (dx, dy, dw, dh, sin, cos), the same arithmetic for the box before rotation and theta = atan2(sin, cos) + the
-// anchor's theta (odtk.rotated.delta2box_rotated).
+// (dx, dy, dw, dh, sin, cos), the same arithmetic for the box before rotation, theta = atan2(sin, cos) + the
+// anchor's theta, and the image clip moves the centre into the image (odtk.rotated.delta2box_rotated).
 template <bool Rotated>
 __global__ void decode_boxes(const unsigned long long* sorted_keys, int kept, const float* deltas,
                              const float* cell_anchors, int num_anchors, int num_classes, int height, int width,
@@ -75,10 +75,20 @@ __global__ void decode_boxes(const unsigned long long* sorted_keys, int kept, co
   float x2 = __fadd_rn(cx, __fmul_rn(0.5f, w)), y2 = __fadd_rn(cy, __fmul_rn(0.5f, h));
   if (image_h > 0 && image_w > 0) {
     float fw = static_cast<float>(image_w), fh = static_cast<float>(image_h);
-    x1 = fminf(fmaxf(x1, 0.f), fw);
-    y1 = fminf(fmaxf(y1, 0.f), fh);
-    x2 = fminf(fmaxf(x2, 0.f), fw);
-    y2 = fminf(fmaxf(y2, 0.f), fh);
+    if constexpr (Rotated) {
+      // the centre moves into the image, the size stays: clipping the corners would change a rotated shape
+      float mx = __fmul_rn(0.5f, __fadd_rn(x1, x2)), my = __fmul_rn(0.5f, __fadd_rn(y1, y2));
+      float shift_x = __fsub_rn(fminf(fmaxf(mx, 0.f), fw), mx), shift_y = __fsub_rn(fminf(fmaxf(my, 0.f), fh), my);
+      x1 = __fadd_rn(x1, shift_x);
+      y1 = __fadd_rn(y1, shift_y);
+      x2 = __fadd_rn(x2, shift_x);
+      y2 = __fadd_rn(y2, shift_y);
+    } else {
+      x1 = fminf(fmaxf(x1, 0.f), fw);
+      y1 = fminf(fmaxf(y1, 0.f), fh);
+      x2 = fminf(fmaxf(x2, 0.f), fw);
+      y2 = fminf(fmaxf(y2, 0.f), fh);
+    }
   }
   out_scores[i] = __uint_as_float(static_cast<unsigned>(key >> 32));
   out_classes[i] = static_cast<float>(c);

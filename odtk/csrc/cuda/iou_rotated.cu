@@ -3,7 +3,7 @@
 #include <stdexcept>
 
 #include "kernels.h"
-#include "rotated.cuh"
+#include "rotated.h"
 #include "workspace.h"
 
 namespace odtk {

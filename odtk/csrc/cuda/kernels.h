@@ -44,13 +44,13 @@ size_t nms(int batch, const float* scores, const float* boxes, const float* clas
            void* workspace, size_t workspace_size, cudaStream_t stream);
 
 // Rotated boxes (x1, y1, x2, y2, theta): the box before rotation and its angle in radians, turned about its centre
-// as odtk.rotated turns it (rotated.cuh). IoU is the area of the two rectangles' intersection polygon (float32)
+// as odtk.rotated turns it (rotated.h). IoU is the area of the two rectangles' intersection polygon (float32)
 // over their union; 0 when a box has no width or height.
 
 // decode for rotated anchors, as decode: cell_anchors [A, 5] (theta kept by the grid shift), boxes
 // [batch, A*6, height, width] with channel = anchor * 6 + k for (dx, dy, dw, dh, sin, cos); out_boxes
-// [batch, top_n, 5]: the box before rotation decoded (and clipped) as decode's, theta = atan2(sin, cos) + the
-// anchor's theta.
+// [batch, top_n, 5]: the box before rotation decoded as decode's, theta = atan2(sin, cos) + the anchor's theta (not
+// wrapped). With image_h, image_w > 0 the box is shifted so that its centre lies in the image, its size kept.
 size_t decode_rotated(int batch, const float* scores, const float* boxes, const float* cell_anchors,
                       int num_anchors, int num_classes, int height, int width, float stride, float threshold,
                       int top_n, int image_h, int image_w, float* out_scores, float* out_boxes, float* out_classes,

@@ -5,7 +5,7 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include "kernels.h"
-#include "rotated.cuh"
+#include "rotated.h"
 #include "workspace.h"
 
 namespace odtk {
@@ -33,7 +33,7 @@ struct AxisAligned {
   }
 };
 
-// Rotated: (x1, y1, x2, y2, theta), kept as corners (rotated.cuh) so each box's sine and cosine are taken once.
+// Rotated: (x1, y1, x2, y2, theta), kept as corners (rotated.h) so each box's sine and cosine are taken once.
 struct Rotated {
   static constexpr int kValues = 5;
   using Box = rotated::Quad;
