@@ -181,7 +181,7 @@ std::vector<at::Tensor> engine_infer(odtk::Engine& engine, at::Tensor images) {
   images = images.contiguous();
   const int64_t batch = images.size(0), detections = engine.max_detections();
   auto scores = at::empty({batch, detections}, images.options());
-  auto boxes = at::empty({batch, detections, 4}, images.options());
+  auto boxes = at::empty({batch, detections, engine.box_size()}, images.options());
   auto classes = at::empty({batch, detections}, images.options());
   engine.infer(static_cast<int>(batch), static_cast<int>(images.size(2)), static_cast<int>(images.size(3)),
                images.data_ptr<float>(), scores.data_ptr<float>(), boxes.data_ptr<float>(),
@@ -225,8 +225,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              return std::make_unique<odtk::Engine>(path, verbose);
            }, "Load a plan written by save()", py::arg("path"), py::arg("verbose") = false)
       .def("save", &odtk::Engine::save, py::arg("path"))
-      .def("infer", &engine_infer, "images [B,3,H,W] CUDA float32 -> scores [B,D], boxes [B,D,4], classes [B,D]",
-           py::arg("images"))
+      .def("infer", &engine_infer, "images [B,3,H,W] CUDA float32 -> scores [B,D], boxes [B,D,box_size], "
+           "classes [B,D]", py::arg("images"))
       .def_property_readonly("input_size", &odtk::Engine::input_size,
                              "(height, width): fixed, or a dynamic-size engine's of the last infer")
       .def_property_readonly("dynamic_size", &odtk::Engine::dynamic_size)
@@ -235,6 +235,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("stride", &odtk::Engine::stride)
       .def_property_readonly("max_batch", &odtk::Engine::max_batch)
       .def_property_readonly("max_detections", &odtk::Engine::max_detections)
+      .def_property_readonly("box_size", &odtk::Engine::box_size, "4, or 5 for rotated boxes (x1, y1, x2, y2, theta)")
       .def_property_readonly("metadata", &odtk::Engine::metadata);
 #else
   m.attr("tensorrt_version") = py::none();
