@@ -30,11 +30,12 @@ echo "cuda-check: linked $so ($(( $(date +%s) - start )) s)"
 "$PYTHON" - "$so" <<'PY'
 import importlib.util, sys
 import torch  # noqa: F401
+OPS = ("decode", "nms", "decode_rotated", "nms_rotated", "iou_rotated")
 spec = importlib.util.spec_from_file_location("odtk._C", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-missing = [name for name in ("decode", "nms") if not hasattr(module, name)]
+missing = [name for name in OPS if not hasattr(module, name)]
 if missing:
     sys.exit(f"cuda-check: FAILED: odtk._C lacks {missing}")
-print(f"cuda-check: odtk._C loads and exposes decode, nms (TensorRT: {module.tensorrt_version})")
+print(f"cuda-check: odtk._C loads and exposes {', '.join(OPS)} (TensorRT: {module.tensorrt_version})")
 PY

@@ -1,5 +1,6 @@
-"""odtk._C, the optional compiled extension: CUDA decode/NMS kernels as torch ops and, when built with TensorRT,
-the Engine. Importing odtk never needs it; what needs it says why it is missing in one line."""
+"""odtk._C, the optional compiled extension: CUDA decode/NMS kernels (axis-aligned and rotated) and the rotated IoU
+as torch ops and, when built with TensorRT, the Engine. Importing odtk never needs it; what needs it says why it is
+missing in one line."""
 from types import ModuleType
 from typing import List, Optional, Sequence, Tuple
 
@@ -36,15 +37,31 @@ def engine_class():
     return ext.Engine
 
 
-def _kernels() -> ModuleType:
+def _kernel(name: str):
+    """odtk._C's op `name`, or an OdtkError saying in one line why it is missing."""
     ext, why = load()
     if ext is None:
         raise OdtkError(f"odtk's CUDA kernels are not built ({why[:120]}); {BUILD_HINT}")
-    return ext
+    if not hasattr(ext, name):   # an odtk._C built from an older odtk (before the rotated kernels)
+        raise OdtkError(f"odtk's compiled extension has no {name} kernel (it was built from an older odtk): rebuild "
+                        f"it; {BUILD_HINT}")
+    return getattr(ext, name)
 
 
 def cuda_kernels_available() -> bool:
     return torch.cuda.is_available() and load()[0] is not None
+
+
+def _decode(op: str, cls_heads: Sequence[Tensor], box_heads: Sequence[Tensor], cell_anchors: Sequence[Tensor],
+            strides: Sequence[int], threshold: float, top_n: int, image_size: Optional[Tuple[int, int]],
+            sigmoid: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Every level through odtk._C's `op` (decode or decode_rotated), the levels concatenated per image."""
+    kernel = _kernel(op)
+    h, w = image_size if image_size is not None else (0, 0)
+    levels = [kernel(cls.float().sigmoid() if sigmoid else cls.float(), box.float(),
+                     cell.to(cls.device, torch.float32), float(stride), threshold, top_n, h, w)
+              for cls, box, cell, stride in zip(cls_heads, box_heads, cell_anchors, strides)]
+    return tuple(torch.cat([level[k] for level in levels], dim=1) for k in range(3))
 
 
 def decode(cls_heads: Sequence[Tensor], box_heads: Sequence[Tensor], cell_anchors: Sequence[Tensor],
@@ -53,21 +70,39 @@ def decode(cls_heads: Sequence[Tensor], box_heads: Sequence[Tensor], cell_anchor
     """odtk.box.decode on the CUDA kernels, from head logits (probabilities with sigmoid=False): per image, every
     level's top_n candidates concatenated -> scores [B, L*top_n] (0 = padding), boxes [B, L*top_n, 4],
     classes [B, L*top_n] (float)."""
-    ext = _kernels()
-    h, w = image_size if image_size is not None else (0, 0)
-    levels = [ext.decode(cls.float().sigmoid() if sigmoid else cls.float(), box.float(),
-                         cell.to(cls.device, torch.float32), float(stride), threshold, top_n, h, w)
-              for cls, box, cell, stride in zip(cls_heads, box_heads, cell_anchors, strides)]
-    return tuple(torch.cat([level[k] for level in levels], dim=1) for k in range(3))
+    return _decode("decode", cls_heads, box_heads, cell_anchors, strides, threshold, top_n, image_size, sigmoid)
+
+
+def decode_rotated(cls_heads: Sequence[Tensor], box_heads: Sequence[Tensor], cell_anchors: Sequence[Tensor],
+                   strides: Sequence[int], *, threshold: float = 0.05, top_n: int = 1000,
+                   image_size: Optional[Tuple[int, int]] = None, sigmoid: bool = True
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
+    """odtk.rotated.decode_rotated on the CUDA kernels: decode() for box heads [B, A*6, H, W] and rotated cell anchors
+    [A, 5] -> boxes [B, L*top_n, 5] (x1, y1, x2, y2, theta)."""
+    return _decode("decode_rotated", cls_heads, box_heads, cell_anchors, strides, threshold, top_n, image_size,
+                   sigmoid)
 
 
 def nms(scores: Tensor, boxes: Tensor, classes: Tensor, *, iou_threshold: float = 0.5,
         detections: int = 100) -> Tuple[Tensor, Tensor, Tensor]:
     """odtk.box.nms on the CUDA kernel, on decode()'s padded output -> scores [B, D], boxes [B, D, 4],
     classes [B, D] (int64, as odtk.box.nms)."""
-    ext = _kernels()
-    out_scores, out_boxes, out_classes = ext.nms(scores, boxes, classes, iou_threshold, detections)
+    out_scores, out_boxes, out_classes = _kernel("nms")(scores, boxes, classes, iou_threshold, detections)
     return out_scores, out_boxes, out_classes.long()
+
+
+def nms_rotated(scores: Tensor, boxes: Tensor, classes: Tensor, *, iou_threshold: float = 0.5,
+                detections: int = 100) -> Tuple[Tensor, Tensor, Tensor]:
+    """odtk.rotated.nms_rotated on the CUDA kernel, on decode_rotated()'s padded output -> scores [B, D],
+    boxes [B, D, 5], classes [B, D] (int64)."""
+    out_scores, out_boxes, out_classes = _kernel("nms_rotated")(scores, boxes, classes, iou_threshold, detections)
+    return out_scores, out_boxes, out_classes.long()
+
+
+def rotated_box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """odtk.rotated.rotated_box_iou on the CUDA kernel: boxes a [N, 5] and b [M, 5] on one GPU -> IoU [N, M]
+    (float32)."""
+    return _kernel("iou_rotated")(a.float(), b.float())
 
 
 def detect(model, heads: Tuple[List[Tensor], List[Tensor]], image_size: Optional[Tuple[int, int]] = None, *,

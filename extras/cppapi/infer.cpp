@@ -112,14 +112,14 @@ int main(int argc, char** argv) {
           input[(size_t(c) * size[0] + y) * size[1] + x] = float((px[c] / 255.0 - mean[c]) / std_dev[c]);
       }
 
-    const int detections = engine.max_detections();
-    DeviceBuffer d_input(input.size()), d_scores(detections), d_boxes(4 * size_t(detections)),
+    const int detections = engine.max_detections(), box_size = engine.box_size();   // 5: rotated, theta last
+    DeviceBuffer d_input(input.size()), d_scores(detections), d_boxes(box_size * size_t(detections)),
         d_classes(detections);
     cudaStream_t stream;
     check(cudaStreamCreate(&stream));
     check(cudaMemcpyAsync(d_input.data, input.data(), input.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
     engine.infer(1, size[0], size[1], d_input.data, d_scores.data, d_boxes.data, d_classes.data, stream);
-    std::vector<float> scores(detections), boxes(4 * size_t(detections)), classes(detections);
+    std::vector<float> scores(detections), boxes(box_size * size_t(detections)), classes(detections);
     for (auto [host, device] : {std::pair{&scores, &d_scores}, std::pair{&boxes, &d_boxes},
                                 std::pair{&classes, &d_classes}})
       check(cudaMemcpyAsync(host->data(), device->data, host->size() * sizeof(float), cudaMemcpyDeviceToHost,
@@ -127,12 +127,16 @@ int main(int argc, char** argv) {
     check(cudaStreamSynchronize(stream));
     check(cudaStreamDestroy(stream));
 
-    std::printf("category_id score x1 y1 x2 y2 (%s, input %dx%d)\n", argv[2], size[0], size[1]);
+    std::printf("category_id score x1 y1 x2 y2%s (%s, input %dx%d)\n", box_size == 5 ? " theta" : "", argv[2],
+                size[0], size[1]);
     for (int i = 0; i < detections && scores[i] > 0; ++i) {
       const int cls = int(classes[i]);
       const double category = cls < int(category_ids.size()) ? category_ids[cls] : cls + 1;
-      std::printf("%g %.4f %.1f %.1f %.1f %.1f\n", category, scores[i], boxes[4 * i] / ratio,
-                  boxes[4 * i + 1] / ratio, boxes[4 * i + 2] / ratio, boxes[4 * i + 3] / ratio);
+      const float* box = &boxes[box_size * size_t(i)];
+      std::printf("%g %.4f %.1f %.1f %.1f %.1f", category, scores[i], box[0] / ratio, box[1] / ratio,
+                  box[2] / ratio, box[3] / ratio);
+      if (box_size == 5) std::printf(" %.4f", box[4]);   // radians: resizing keeps angles
+      std::printf("\n");
     }
   } catch (const std::exception& e) {
     std::cerr << "infer: " << e.what() << "\n";

@@ -50,6 +50,30 @@ std::string shape_text(InputSize size) { return std::to_string(size.height) + "x
 // `size` no larger than `bound` in height and width.
 bool fits(InputSize size, InputSize bound) { return size.height <= bound.height && size.width <= bound.width; }
 
+// Whether the raw heads are rotated ones (odtk.rotated: 6 deltas per anchor, cell anchors of 5 values) rather than
+// axis-aligned (4 deltas, anchors of 4 values), from each level's box head channels and anchor values.
+bool rotated_heads(const std::vector<nvinfer1::ITensor*>& box_heads, const std::vector<std::vector<float>>& anchors) {
+  int axis = 0, rotated = 0;
+  for (size_t l = 0; l < box_heads.size(); ++l) {
+    const auto channels = box_heads[l]->getDimensions().d[1];
+    const auto values = static_cast<int64_t>(anchors[l].size());
+    if (channels == values && values % 4 == 0) ++axis;
+    else if (channels * 5 == values * 6 && values % 5 == 0) ++rotated;
+    else throw std::invalid_argument("box_" + std::to_string(l + 1) + " has " + std::to_string(channels) +
+                                     " channels for " + std::to_string(values) + " anchor values: expected A*4 for "
+                                     "A*4 (axis-aligned) or A*6 for A*5 (rotated)");
+  }
+  if (axis && rotated) throw std::invalid_argument("the levels mix axis-aligned and rotated box heads");
+  return rotated > 0;
+}
+
+// A new plugin of the axis-aligned or the rotated kind of Plugin.
+template <template <bool> class Plugin, typename... Args>
+std::unique_ptr<nvinfer1::IPluginV3> make_plugin(bool rotated, const Args&... args) {
+  if (rotated) return std::make_unique<Plugin<true>>(args...);
+  return std::make_unique<Plugin<false>>(args...);
+}
+
 // The build's size profile, checked: positive and ordered; one size when fixed.
 void check_profile(const BuildOptions& o) {
   if (!(o.min_size.height > 0 && o.min_size.width > 0 && fits(o.min_size, o.opt_size) &&
@@ -103,7 +127,8 @@ Engine::Engine(const std::string& onnx, const BuildOptions& options)
   }
 
   // score_1..L, box_1..L -> per-level decode -> concatenation -> NMS -> scores, boxes, classes. A dynamic-size
-  // engine's decode also takes input_1 (its shape only): boxes clip to each call's input size.
+  // engine's decode also takes input_1 (its shape only): boxes clip to each call's input size. Rotated heads take
+  // the rotated decode and NMS plugins.
   nvinfer1::ITensor* image = network->getNbInputs() == 1 ? network->getInput(0) : nullptr;
   if (!image || std::strcmp(image->getName(), kInput) != 0)
     throw std::runtime_error(std::string("the ONNX must have one input, ") + kInput + " (an odtk raw-heads export)");
@@ -130,14 +155,17 @@ Engine::Engine(const std::string& onnx, const BuildOptions& options)
   for (auto* t : heads)
     if (!t) throw std::runtime_error("the ONNX outputs are not score_1..N, box_1..N (export with --raw-heads)");
   for (auto* t : heads) network->unmarkOutput(*t);
+  const bool rotated = rotated_heads(std::vector<nvinfer1::ITensor*>(heads.begin() + levels, heads.end()),
+                                     options.anchors);
 
   std::vector<std::unique_ptr<nvinfer1::IPluginV3>> plugins;   // must outlive the build
   std::vector<nvinfer1::ITensor*> per_level[3];
   const bool dynamic = options.dynamic_size;
   for (size_t l = 0; l < levels; ++l) {
-    plugins.emplace_back(new DecodePlugin(options.anchors[l], options.strides[l], options.score_threshold,
-                                          options.top_n, dynamic ? 0 : options.opt_size.height,
-                                          dynamic ? 0 : options.opt_size.width, dynamic));
+    plugins.push_back(make_plugin<BasicDecodePlugin>(rotated, options.anchors[l], options.strides[l],
+                                                     options.score_threshold, options.top_n,
+                                                     dynamic ? 0 : options.opt_size.height,
+                                                     dynamic ? 0 : options.opt_size.width, dynamic));
     nvinfer1::ITensor* inputs[] = {heads[l], heads[levels + l], image};
     auto* layer = network->addPluginV3(inputs, dynamic ? 3 : 2, nullptr, 0, *plugins.back());
     if (!layer) throw std::runtime_error("cannot add the decode plugin: " + logger_->take_errors());
@@ -150,7 +178,7 @@ Engine::Engine(const std::string& onnx, const BuildOptions& options)
     concat->setAxis(1);
     candidates[k] = concat->getOutput(0);
   }
-  plugins.emplace_back(new NMSPlugin(options.nms_threshold, options.detections));
+  plugins.push_back(make_plugin<BasicNMSPlugin>(rotated, options.nms_threshold, options.detections));
   auto* nms = network->addPluginV3(candidates, 3, nullptr, 0, *plugins.back());
   if (!nms) throw std::runtime_error("cannot add the NMS plugin: " + logger_->take_errors());
   nms->setName("nms");
@@ -273,5 +301,7 @@ int Engine::max_batch() const {
 }
 
 int Engine::max_detections() const { return static_cast<int>(engine_->getTensorShape(kOutputs[0]).d[1]); }
+
+int Engine::box_size() const { return static_cast<int>(engine_->getTensorShape(kOutputs[1]).d[2]); }
 
 }  // namespace odtk

@@ -1,6 +1,7 @@
 // Engine: a TensorRT engine of an odtk raw-heads ONNX with the decode and NMS plugins appended, so it maps
 // a normalised image batch input_1 [B, 3, H, W] to scores [B, D], boxes [B, D, 4], classes [B, D]. H and W are
-// fixed, or, for a dynamic-size engine, any multiple of the stride within its optimisation profile.
+// fixed, or, for a dynamic-size engine, any multiple of the stride within its optimisation profile. An ONNX with
+// rotated heads (box_i [B, A*6, h, w], anchors of 5 values) gets the rotated plugins: boxes [B, D, 5].
 // Plain C++ (TensorRT + CUDA runtime): used by the Python extension and by extras/cppapi.
 #pragma once
 
@@ -28,7 +29,8 @@ struct BuildOptions {
   // ONNX with symbolic height and width): any size from min to max, tuned for opt.
   InputSize min_size, opt_size, max_size;
   bool dynamic_size = false;
-  std::vector<std::vector<float>> anchors;   // per level: cell anchors [A * 4] (odtk.box.generate_anchors)
+  // per level: cell anchors [A * 4] (odtk.box.generate_anchors) or, rotated, [A * 5] (odtk.rotated)
+  std::vector<std::vector<float>> anchors;
   std::vector<float> strides;                // per level
   float score_threshold = 0.05f;
   int top_n = 1000;
@@ -56,7 +58,8 @@ class Engine {
   // TensorRT's serialised engine.
   void save(const std::string& path) const;
   // input: device [batch, 3, height, width] float32 (a fixed-size engine's own size; a dynamic-size engine's within
-  // its profile: std::invalid_argument otherwise); outputs: device buffers of [batch, D], [batch, D, 4], [batch, D].
+  // its profile: std::invalid_argument otherwise); outputs: device buffers of [batch, D], [batch, D, box_size()],
+  // [batch, D].
   void infer(int batch, int height, int width, const float* input, float* scores, float* boxes, float* classes,
              cudaStream_t stream);
 
@@ -68,6 +71,7 @@ class Engine {
   int stride() const { return stride_; }  // largest level stride: inputs are padded to a multiple of it
   int max_batch() const;
   int max_detections() const;
+  int box_size() const;                   // values per box: 4, or 5 for rotated boxes (x1, y1, x2, y2, theta)
   const std::string& metadata() const { return metadata_; }
   static std::string version();           // TensorRT version this was compiled against
 

@@ -1,9 +1,11 @@
-// Class-aware greedy NMS per image (odtk.box.nms / torchvision.ops.batched_nms on the GPU).
+// Class-aware greedy NMS per image (odtk.box.nms / torchvision.ops.batched_nms on the GPU), and the same on
+// rotated boxes (odtk.rotated.nms_rotated).
 #include <stdexcept>
 
 #include <cub/device/device_radix_sort.cuh>
 
 #include "kernels.h"
+#include "rotated.h"
 #include "workspace.h"
 
 namespace odtk {
@@ -15,14 +17,39 @@ __global__ void iota(int* out, int count) {
   if (i < count) out[i] = i;
 }
 
+// How the NMS kernel reads and compares boxes. Axis-aligned: (x1, y1, x2, y2) as a float4, IoU as torchvision's
+// nms kernel computes it (same operations, no FMA), so borderline overlaps are decided the same way.
+struct AxisAligned {
+  static constexpr int kValues = 4;
+  using Box = float4;
+  __device__ static Box load(const float* box) { return *reinterpret_cast<const float4*>(box); }
+  __device__ static float iou(const Box& a, const Box& c) {
+    float w = fmaxf(0.f, fminf(a.z, c.z) - fmaxf(a.x, c.x));
+    float h = fmaxf(0.f, fminf(a.w, c.w) - fmaxf(a.y, c.y));
+    float inter = __fmul_rn(w, h);
+    float area_a = __fmul_rn(a.z - a.x, a.w - a.y);
+    float area_c = __fmul_rn(c.z - c.x, c.w - c.y);
+    return __fdiv_rn(inter, area_a + area_c - inter);
+  }
+};
+
+// Rotated: (x1, y1, x2, y2, theta), kept as corners (rotated.h) so each box's sine and cosine are taken once.
+struct Rotated {
+  static constexpr int kValues = 5;
+  using Box = rotated::Quad;
+  __device__ static Box load(const float* box) { return rotated::make_quad(box); }
+  __device__ static float iou(const Box& a, const Box& c) { return rotated::iou(a, c); }
+};
+
 // One block per image. Candidates are visited in score order; at step i every thread reads the same
 // `removed[i]` (final since the previous barrier), so all threads agree on what is kept without shared state,
-// and the threads split the later candidates to suppress. IoU is computed as torchvision's nms kernel does
-// (same operations, no FMA), so borderline overlaps are decided the same way.
+// and the threads split the later candidates to suppress.
+template <typename Shape>
 __global__ void nms_kernel(const float* sorted_scores, const int* sorted_indices, const float* boxes,
                            const float* classes, int count, float iou_threshold, int detections,
-                           float4* sorted_boxes, float* sorted_classes, unsigned char* removed, float* out_scores,
-                           float* out_boxes, float* out_classes) {
+                           typename Shape::Box* sorted_boxes, float* sorted_classes, unsigned char* removed,
+                           float* out_scores, float* out_boxes, float* out_classes) {
+  constexpr int kValues = Shape::kValues;
   const int b = blockIdx.x;
   const size_t base = static_cast<size_t>(b) * count;
   sorted_scores += base;
@@ -30,15 +57,15 @@ __global__ void nms_kernel(const float* sorted_scores, const int* sorted_indices
   sorted_boxes += base;
   sorted_classes += base;
   removed += base;
-  const float4* image_boxes = reinterpret_cast<const float4*>(boxes) + base;
+  const float* image_boxes = boxes + base * kValues;
   const float* image_classes = classes + base;
   out_scores += static_cast<size_t>(b) * detections;
   out_classes += static_cast<size_t>(b) * detections;
-  float4* image_out = reinterpret_cast<float4*>(out_boxes) + static_cast<size_t>(b) * detections;
+  out_boxes += static_cast<size_t>(b) * detections * kValues;
 
   for (int j = threadIdx.x; j < count; j += blockDim.x) {
     int idx = sorted_indices[j];
-    sorted_boxes[j] = image_boxes[idx];
+    sorted_boxes[j] = Shape::load(image_boxes + static_cast<size_t>(idx) * kValues);
     sorted_classes[j] = image_classes[idx];
     removed[j] = 0;
   }
@@ -49,23 +76,18 @@ __global__ void nms_kernel(const float* sorted_scores, const int* sorted_indices
     float score = sorted_scores[i];
     if (score <= 0.f) break;   // zero padding from decode sorts last
     if (!removed[i]) {
-      float4 a = sorted_boxes[i];
+      const typename Shape::Box a = sorted_boxes[i];
       float cls = sorted_classes[i];
       if (threadIdx.x == 0) {
         out_scores[kept] = score;
         out_classes[kept] = cls;
-        image_out[kept] = a;
+        const float* in = image_boxes + static_cast<size_t>(sorted_indices[i]) * kValues;
+        for (int k = 0; k < kValues; ++k) out_boxes[kept * kValues + k] = in[k];
       }
       ++kept;
-      float area_a = __fmul_rn(a.z - a.x, a.w - a.y);
       for (int j = i + 1 + threadIdx.x; j < count; j += blockDim.x) {
         if (removed[j] || sorted_classes[j] != cls) continue;
-        float4 c = sorted_boxes[j];
-        float w = fmaxf(0.f, fminf(a.z, c.z) - fmaxf(a.x, c.x));
-        float h = fmaxf(0.f, fminf(a.w, c.w) - fmaxf(a.y, c.y));
-        float inter = __fmul_rn(w, h);
-        float area_c = __fmul_rn(c.z - c.x, c.w - c.y);
-        if (__fdiv_rn(inter, area_a + area_c - inter) > iou_threshold) removed[j] = 1;
+        if (Shape::iou(a, sorted_boxes[j]) > iou_threshold) removed[j] = 1;
       }
     }
     __syncthreads();
@@ -73,21 +95,20 @@ __global__ void nms_kernel(const float* sorted_scores, const int* sorted_indices
   for (int j = kept + threadIdx.x; j < detections; j += blockDim.x) {
     out_scores[j] = 0.f;
     out_classes[j] = 0.f;
-    image_out[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k = 0; k < kValues; ++k) out_boxes[j * kValues + k] = 0.f;
   }
 }
 
-}  // namespace
-
-size_t nms(int batch, const float* scores, const float* boxes, const float* classes, int count,
-           float iou_threshold, int detections, float* out_scores, float* out_boxes, float* out_classes,
-           void* workspace, size_t workspace_size, cudaStream_t stream) {
+template <typename Shape>
+size_t nms_boxes(int batch, const float* scores, const float* boxes, const float* classes, int count,
+                 float iou_threshold, int detections, float* out_scores, float* out_boxes, float* out_classes,
+                 void* workspace, size_t workspace_size, cudaStream_t stream) {
   const size_t total = static_cast<size_t>(batch) * count;
   Workspace ws(workspace);
   int* indices = ws.take<int>(count);
   int* sorted_indices = ws.take<int>(total);
   float* sorted_scores = ws.take<float>(total);
-  float4* sorted_boxes = ws.take<float4>(total);
+  auto* sorted_boxes = ws.take<typename Shape::Box>(total);
   float* sorted_classes = ws.take<float>(total);
   unsigned char* removed = ws.take<unsigned char>(total);
   size_t sort_bytes = 0;
@@ -105,11 +126,27 @@ size_t nms(int batch, const float* scores, const float* boxes, const float* clas
                                                     indices, sorted_indices + offset, count, 0, 32, stream),
           "odtk nms: sort");
   }
-  nms_kernel<<<batch, threads, 0, stream>>>(sorted_scores, sorted_indices, boxes, classes, count, iou_threshold,
-                                            detections, sorted_boxes, sorted_classes, removed, out_scores,
-                                            out_boxes, out_classes);
+  nms_kernel<Shape><<<batch, threads, 0, stream>>>(sorted_scores, sorted_indices, boxes, classes, count,
+                                                   iou_threshold, detections, sorted_boxes, sorted_classes, removed,
+                                                   out_scores, out_boxes, out_classes);
   check(cudaGetLastError(), "odtk nms: nms kernel");
   return 0;
+}
+
+}  // namespace
+
+size_t nms(int batch, const float* scores, const float* boxes, const float* classes, int count,
+           float iou_threshold, int detections, float* out_scores, float* out_boxes, float* out_classes,
+           void* workspace, size_t workspace_size, cudaStream_t stream) {
+  return nms_boxes<AxisAligned>(batch, scores, boxes, classes, count, iou_threshold, detections, out_scores,
+                                out_boxes, out_classes, workspace, workspace_size, stream);
+}
+
+size_t nms_rotated(int batch, const float* scores, const float* boxes, const float* classes, int count,
+                   float iou_threshold, int detections, float* out_scores, float* out_boxes, float* out_classes,
+                   void* workspace, size_t workspace_size, cudaStream_t stream) {
+  return nms_boxes<Rotated>(batch, scores, boxes, classes, count, iou_threshold, detections, out_scores, out_boxes,
+                            out_classes, workspace, workspace_size, stream);
 }
 
 }  // namespace cuda

@@ -1,5 +1,5 @@
-// What DecodePlugin and NMSPlugin share on TensorRT's IPluginV3 API: the capability plumbing, names, the
-// no-op shape hooks, and reading/writing their serialisable fields.
+// What the decode and NMS plugins (axis-aligned and rotated) share on TensorRT's IPluginV3 API: the capability
+// plumbing, names, the no-op shape hooks, and reading/writing their serialisable fields.
 #pragma once
 
 #include <NvInferRuntime.h>
@@ -27,9 +27,9 @@ std::vector<T> field_values(nvinfer1::PluginFieldCollection const* fields, const
   return {};
 }
 
-// Core/build/runtime capabilities in one object. Derived gives kName, kInputDims, inputs() (how many it takes),
-// outputs_per_image(), fields() (its serialisable members), workspace_size(max dims of input 0) and run() (the
-// kernel launch, given every input's descriptor).
+// Core/build/runtime capabilities in one object. Derived gives kName, kInputDims, kBoxSize (values per output box:
+// 4, or 5 for rotated boxes), inputs() (how many it takes), outputs_per_image(), fields() (its serialisable
+// members), workspace_size(max dims of input 0) and run() (the kernel launch, given every input's descriptor).
 template <typename Derived>
 class PluginBase : public nvinfer1::IPluginV3,
                    public nvinfer1::IPluginV3OneCore,
@@ -74,8 +74,8 @@ class PluginBase : public nvinfer1::IPluginV3,
                         int32_t) noexcept override {
     return 0;
   }
-  // Both plugins map inputs whose first has Derived::kInputDims dimensions [B, ...] to detections:
-  // scores [B, K], boxes [B, K, 4], classes [B, K] with K = Derived::outputs_per_image().
+  // The plugins map inputs whose first has Derived::kInputDims dimensions [B, ...] to detections:
+  // scores [B, K], boxes [B, K, kBoxSize], classes [B, K] with K = Derived::outputs_per_image().
   int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nb_inputs, nvinfer1::DimsExprs const*, int32_t,
                           nvinfer1::DimsExprs* outputs, int32_t nb_outputs,
                           nvinfer1::IExprBuilder& exprs) noexcept override {
@@ -89,7 +89,7 @@ class PluginBase : public nvinfer1::IPluginV3,
     outputs[1].nbDims = 3;
     outputs[1].d[0] = batch;
     outputs[1].d[1] = count;
-    outputs[1].d[2] = exprs.constant(4);
+    outputs[1].d[2] = exprs.constant(Derived::kBoxSize);
     outputs[2] = outputs[0];
     return 0;
   }
@@ -151,7 +151,7 @@ class PluginCreator : public nvinfer1::IPluginCreatorV3One {
   nvinfer1::PluginFieldCollection collection_;
 };
 
-// Registers both creators with TensorRT's global registry (once; later calls do nothing).
+// Registers the creators of the four plugins with TensorRT's global registry (once; later calls do nothing).
 bool register_plugins();
 
 }  // namespace odtk

@@ -4,17 +4,29 @@
 
 namespace odtk {
 
+namespace {
+
+// Registers creator unless a creator of that name is there already (another copy of odtk in the process).
+template <typename Plugin>
+bool register_creator(nvinfer1::IPluginRegistry& registry, PluginCreator<Plugin>& creator) {
+  return registry.getCreator(Plugin::kName, kPluginVersion, kPluginNamespace) != nullptr ||
+         registry.registerCreator(creator, kPluginNamespace);
+}
+
+}  // namespace
+
 bool register_plugins() {
   // function-local statics: created once, live as long as the process (TensorRT keeps pointers to them)
   static PluginCreator<DecodePlugin> decode_creator;
   static PluginCreator<NMSPlugin> nms_creator;
+  static PluginCreator<DecodeRotatePlugin> decode_rotate_creator;
+  static PluginCreator<NMSRotatePlugin> nms_rotate_creator;
   static const bool registered = [] {
-    auto* registry = getPluginRegistry();
-    bool ok = registry->getCreator(DecodePlugin::kName, kPluginVersion, kPluginNamespace) != nullptr ||
-              registry->registerCreator(decode_creator, kPluginNamespace);
-    ok = (registry->getCreator(NMSPlugin::kName, kPluginVersion, kPluginNamespace) != nullptr ||
-          registry->registerCreator(nms_creator, kPluginNamespace)) && ok;
-    return ok;
+    auto& registry = *getPluginRegistry();
+    bool ok = register_creator(registry, decode_creator);
+    ok = register_creator(registry, nms_creator) && ok;
+    ok = register_creator(registry, decode_rotate_creator) && ok;
+    return register_creator(registry, nms_rotate_creator) && ok;
   }();
   return registered;
 }
