@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .constants import CROP_ASPECT, CROP_ATTEMPTS, CROP_SCALING, CROP_THRESHOLDS
+from .rotated import crop_reference
 from .utils import OdtkError, log
 
 if TYPE_CHECKING:   # odtk.data imports this module (loader_factory): the dataset type is for annotations only
@@ -44,10 +45,9 @@ def _reader_annotations(dataset: CocoDataset, folder: str) -> str:
     """The boxes CocoDataset kept (crowd, zero-area and outside boxes dropped, the rest clipped), as COCO JSON
     with the original category ids: both loaders then read the same boxes, and DALI maps the ids itself.
 
-    Rotated: bbox is odtk.data.crop_reference's box (what the crop measures), segmentation the box itself as
+    Rotated: bbox is odtk.rotated.crop_reference's box (what the crop measures), segmentation the box itself as
     three vertices x1, y1, x2, y2, theta, 0 (see the module's docstring).
     """
-    from .data import crop_reference
     images, annotations = [], []
     for image_id in dataset.ids:
         images.append({"id": image_id, "file_name": dataset.files[image_id]})

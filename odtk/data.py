@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from .constants import (CROP_ASPECT, CROP_ATTEMPTS, CROP_SCALING, CROP_THRESHOLDS, IMAGE_EXTENSIONS,
                         IMAGENET_MEAN, IMAGENET_STD)
 from .convert import displayed_size, fold_angle, read_size
+from .rotated import crop_reference
 from .utils import OdtkError, log, padded
 
 Batch = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -140,20 +141,6 @@ def random_crop_window(width: int, height: int, boxes: Tensor, rng) -> Optional[
             window = (x1, y1, max(x1 + 1, round(x + w)), max(y1 + 1, round(y + h)))   # >= 1 pixel
             if not len(boxes) or _valid_crop(boxes, window, threshold):
                 return window
-
-
-def crop_reference(boxes: Tensor, width: int, height: int) -> Tensor:
-    """The axis-aligned boxes random_crop_window's IoU rule measures: the boxes themselves, or for rotated ones
-    (x1, y1, x2, y2, theta) their enclosing boxes shrunk about the centre to fit in the image. Centred on the
-    box's centre, as the crop's keep rule is, and inside the image, as DALI's fn.random_bbox_crop needs."""
-    if boxes.shape[1] == 4:
-        return boxes
-    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    cos, sin = boxes[:, 4].cos().abs(), boxes[:, 4].sin().abs()
-    half_w = torch.minimum((w * cos + h * sin) / 2, torch.minimum(cx, width - cx)).clamp(min=0)
-    half_h = torch.minimum((w * sin + h * cos) / 2, torch.minimum(cy, height - cy)).clamp(min=0)
-    return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=1)
 
 
 def _valid_crop(boxes: Tensor, window: Tuple[int, int, int, int], threshold: float) -> bool:

@@ -55,6 +55,19 @@ def enclosing_boxes(boxes: Tensor) -> Tensor:
     return torch.cat([points.amin(dim=-2), points.amax(dim=-2)], dim=-1)
 
 
+
+def crop_reference(boxes: Tensor, width: int, height: int) -> Tensor:
+    """The axis-aligned boxes a random crop's IoU rule measures: the boxes [N, 4] themselves, or for rotated ones
+    [N, 5] their enclosing boxes shrunk about the centre to fit in the image (centred on the box's centre, as the
+    crop's keep rule is, and inside the image, as DALI's fn.random_bbox_crop needs)."""
+    if boxes.shape[1] == 4:
+        return boxes
+    outer = enclosing_boxes(boxes)
+    centre = (boxes[:, :2] + boxes[:, 2:4]) / 2
+    room = torch.minimum(centre, torch.tensor([width, height], dtype=boxes.dtype) - centre)
+    half = torch.minimum((outer[:, 2:] - outer[:, :2]) / 2, room).clamp(min=0)
+    return torch.cat([centre - half, centre + half], dim=1)
+
 # -- anchors -------------------------------------------------------------------------------------------------------
 def generate_anchors_rotated(stride: int, ratios: Sequence[float], scales: Sequence[float],
                              angles: Sequence[float] = DEFAULT_ANGLES) -> Tensor:

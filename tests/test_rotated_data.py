@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from odtk.convert import bbox_corners, convert_dota, fold_angle, min_area_rect
-from odtk.data import (Augment, CocoDataset, collate, crop_boxes, crop_reference, flip_boxes, make_loader,
+from odtk.data import (Augment, CocoDataset, collate, crop_boxes, flip_boxes, make_loader,
                        scale_boxes, turn_boxes)
 from odtk.main import main
+from odtk.rotated import crop_reference
 from odtk.synthetic import ROTATED_CLASSES, fill_convex, make_rotated_image, write_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
