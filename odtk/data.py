@@ -299,6 +299,10 @@ def _describe(a, field: Optional[str]) -> str:
     return ", ".join(parts)
 
 
+# images a loader process found unreadable: said once, skipped every epoch
+_UNREADABLE: set = set()
+
+
 class CocoDataset(Dataset):
     """Images of a COCO file (or of a folder, with no annotations) -> normalised tensors and boxes.
 
@@ -426,8 +430,10 @@ class CocoDataset(Dataset):
         path = os.path.join(self.root, self.files[image_id])
         try:
             x = load_image(path)
-        except Exception as e:   # a corrupt file mid-run: skip it, say which
-            log.warning(f"{path}: cannot read image ({e.__class__.__name__}: {e}); skipped")
+        except Exception as e:   # a corrupt file mid-run: skip it, say which (once: it recurs every epoch)
+            if path not in _UNREADABLE:
+                _UNREADABLE.add(path)
+                log.warning(f"{path}: cannot read image ({e.__class__.__name__}: {e}); skipped")
             return None
         boxes = self.boxes.get(image_id, torch.zeros(0, self.box_columns)).clone()
         labels = self.labels.get(image_id, torch.zeros(0, dtype=torch.long))
