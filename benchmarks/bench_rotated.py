@@ -9,11 +9,11 @@ Usage: python benchmarks/bench_rotated.py [--reps N] [--threads T] [--size S]
 """
 import argparse
 import math
-import time
 from typing import Callable, List
 
 import torch
 
+from bench_kernels import median_time   # this folder: the timing all benchmarks share
 from odtk import box as B
 from odtk import rotated as R
 from odtk.backbones.fpn import FPN
@@ -35,20 +35,6 @@ def random_boxes(count: int, size: int, generator: torch.Generator) -> torch.Ten
     ctr = wh / 2 + torch.rand(count, 2, generator=generator) * (size - wh)
     theta = (torch.rand(count, 1, generator=generator) - 0.5) * (math.pi / 2)
     return torch.cat([ctr - wh / 2, ctr + wh / 2, theta], dim=1)[None]
-
-
-def best_time(fn: Callable[[], object], reps: int, cuda: bool) -> float:
-    fn()                                   # warm-up: allocator, kernels
-    best = math.inf
-    for _ in range(reps):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def peak_mb(fn: Callable[[], object]) -> str:
@@ -78,8 +64,8 @@ def main() -> None:
             anchors = image_anchors(args.size, angles).to(device)
             for count in (1, 10, 50):
                 boxes = random_boxes(count, args.size, torch.Generator().manual_seed(count)).to(device)
-                rotated = best_time(lambda: R.batched_rotated_box_iou(anchors, boxes), args.reps, cuda)
-                axis = best_time(lambda: B.batched_box_iou(anchors[:, :4], boxes[..., :4]), args.reps, cuda)
+                rotated = median_time(lambda: R.batched_rotated_box_iou(anchors, boxes), args.reps, cuda)
+                axis = median_time(lambda: B.batched_box_iou(anchors[:, :4], boxes[..., :4]), args.reps, cuda)
                 clipped = int((B.batched_box_iou(R.enclosing_boxes(anchors), R.enclosing_boxes(boxes)) > 0).sum())
                 peak = peak_mb(lambda: R.batched_rotated_box_iou(anchors, boxes)) if cuda else "-"
                 print(f"{device:<6} {len(RATIOS) * len(SCALES) * len(angles):>12} "

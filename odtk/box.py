@@ -179,15 +179,22 @@ def nms(batch_idx: Tensor, scores: Tensor, boxes: Tensor, classes: Tensor, batch
     Candidates are visited by decreasing score, equal scores in input order (decode's: level, then flat anchor
     index), as odtk._C's kernel visits them: torchvision sorts equal scores in no set order, so it is given ranks.
     """
-    out_scores = scores.new_zeros(batch_size, detections)
-    out_boxes = boxes.new_zeros(batch_size, detections, 4)
-    out_classes = classes.new_zeros(batch_size, detections)
     order = scores.argsort(descending=True, stable=True)
     batch_idx, scores, boxes, classes = batch_idx[order], scores[order], boxes[order], classes[order]
     ranks = torch.arange(scores.numel(), 0, -1, device=scores.device, dtype=torch.float32)   # distinct, same order
     # one NMS call for the whole batch: offset groups so (image, class) pairs never interact
     groups = batch_idx * (int(classes.max()) + 1 if classes.numel() else 1) + classes
     keep = batched_nms(boxes, ranks, groups, iou_threshold)   # in rank order
+    return per_image(keep, batch_idx, scores, boxes, classes, batch_size, detections)
+
+
+def per_image(keep: Tensor, batch_idx: Tensor, scores: Tensor, boxes: Tensor, classes: Tensor, batch_size: int,
+              detections: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The kept candidates (indices `keep`, in visiting order) as each image's first `detections`: scores [B, D],
+    boxes [B, D, K], classes [B, D], zero padded."""
+    out_scores = scores.new_zeros(batch_size, detections)
+    out_boxes = boxes.new_zeros(batch_size, detections, boxes.shape[-1])
+    out_classes = classes.new_zeros(batch_size, detections)
     for i in range(batch_size):
         k = keep[batch_idx[keep] == i][:detections]
         n = k.numel()

@@ -274,11 +274,9 @@ def nms_rotated(batch_idx: Tensor, scores: Tensor, boxes: Tensor, classes: Tenso
     """odtk.box.nms on rotated boxes [N, 5]: per (image, class), visit by decreasing score (equal scores in input
     order), drop the later boxes whose rotated IoU with a kept one is over `iou_threshold` -> scores [B, D],
     boxes [B, D, 5], classes [B, D] (zero padded)."""
-    out_scores = scores.new_zeros(batch_size, detections)
-    out_boxes = boxes.new_zeros(batch_size, detections, 5)
-    out_classes = classes.new_zeros(batch_size, detections)
     if scores.numel() == 0:
-        return out_scores, out_boxes, out_classes
+        return B.per_image(scores.new_zeros(0, dtype=torch.long), batch_idx, scores, boxes, classes, batch_size,
+                           detections)
     order = scores.argsort(descending=True, stable=True)                # the visiting order
     groups = (batch_idx * (int(classes.max()) + 1) + classes)[order]
     by_group = groups.argsort(stable=True)                              # positions in it, grouped
@@ -291,10 +289,4 @@ def nms_rotated(batch_idx: Tensor, scores: Tensor, boxes: Tensor, classes: Tenso
         suppresses = (rotated_box_iou(group, group) > iou_threshold) & later
         kept.append(pos[_greedy(suppresses.cpu()).to(pos.device)])
     keep = order[torch.cat(kept).sort().values]                         # kept, in the visiting order
-    for i in range(batch_size):
-        k = keep[batch_idx[keep] == i][:detections]
-        n = k.numel()
-        out_scores[i, :n] = scores[k]
-        out_boxes[i, :n] = boxes[k]
-        out_classes[i, :n] = classes[k]
-    return out_scores, out_boxes, out_classes
+    return B.per_image(keep, batch_idx, scores, boxes, classes, batch_size, detections)
