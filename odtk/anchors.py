@@ -30,6 +30,10 @@ LEVEL_STRIDES = FPN.strides   # P3-P7, the levels of every odtk backbone
 # a fit below either is poor: many boxes then get a positive anchor only through low-quality matching
 MIN_RECALL = 0.9
 MIN_MEAN_IOU = 0.6
+# more boxes than this with their best anchor on P6/P7 is fragile (issue 17): those levels come from freshly
+# initialised convolutions on C5 and start out nearly the same for every image, so the head can only learn a prior
+# box there until they learn to vary; on the kangaroo set one seed of three did not get there before the lr decay
+MAX_COARSE_SHARE = 0.5
 
 SCALES_PER_OCTAVE = 3        # fitted scales s0 * 2^(i/3): with strides doubling, the levels tile all sizes
 NUM_RATIOS = 3
@@ -56,6 +60,11 @@ class AnchorFit:
     @property
     def poor(self) -> bool:
         return self.recall < MIN_RECALL or self.mean_iou < MIN_MEAN_IOU
+
+    @property
+    def coarse(self) -> float:
+        """The share of boxes whose best anchor is on P6 or P7."""
+        return float(sum(share for stride, share in zip(LEVEL_STRIDES, self.levels) if stride >= 64))
 
 
 def anchor_sides(scales: Sequence[float], ratios: Sequence[float], stride: int) -> Tensor:
@@ -203,6 +212,17 @@ def poor_fit_warning(anchors: Anchors) -> str:
             f"poorly ({why}): try --anchor-scales auto (and --anchor-ratios auto)")
 
 
+def fit_warning(anchors: Anchors) -> Optional[str]:
+    """What is wrong with anchors for these boxes, with the way out: a poor fit, or most boxes on P6/P7."""
+    if anchors.fit.poor:
+        return poor_fit_warning(anchors)
+    if anchors.fit.coarse > MAX_COARSE_SHARE:
+        return (f"the anchors (scales {numbers(anchors.scales)}) put {100 * anchors.fit.coarse:.0f}% of the boxes on "
+                f"P6/P7, whose features start out nearly the same for every image: training may learn a prior box "
+                f"instead of the objects; try --anchor-scales auto, or a smaller --resize")
+    return None
+
+
 # -- the data ----------------------------------------------------------------------------------------------------
 def resized_boxes(dataset: CocoDataset, *, resize: int, max_size: int) -> Dict[int, Tensor]:
     """Each image's boxes [M, 4] scaled as the loader scales them for `resize`/`max_size` (per-axis, after
@@ -295,7 +315,8 @@ def format_report(d: dict) -> str:
     rows.append(("best anchor level", _levels(choice.final.fit)))
     title = f"{d['path']}: at --resize {d['resize']} --max-size {d['max_size']}"
     text = table(title, rows)
-    return text + (f"\nwarning: {poor_fit_warning(choice.final)}" if choice.final.fit.poor else "")
+    warning = fit_warning(choice.final)
+    return text + (f"\nwarning: {warning}" if warning else "")
 
 
 def short_report(d: dict) -> str:

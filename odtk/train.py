@@ -16,7 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import recipe
-from .anchors import AUTO, AnchorChoice, data_report, format_report, poor_fit_warning, short_report
+from .anchors import AUTO, AnchorChoice, data_report, fit_warning, format_report, short_report
 from .backbones import BACKBONES, find_weights, load_imagenet
 from .checks import anchor_setting, at_least, check_writable, non_negative, ordered_range, positive
 from .data import Augment, CocoDataset, loader_factory
@@ -174,8 +174,9 @@ def log_data(cfg: TrainConfig, report: dict) -> AnchorChoice:
                  f"\n  after:  {choice.fitted.describe()}")
     else:
         log.info(f"anchors: {choice.start.describe()}")
-    if choice.final.fit.poor:
-        log.warning(poor_fit_warning(choice.final))
+    warning = fit_warning(choice.final)
+    if warning:
+        log.warning(warning)
     return choice
 
 
