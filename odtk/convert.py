@@ -4,7 +4,7 @@ import math
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -342,33 +342,40 @@ def convert_yolo(source: str, *, images: str, classes: Optional[List[str]] = Non
     """YOLO labels (class cx cy w h, fractions of the image as displayed) + images folder -> COCO dict."""
     stems = _labelled_images(source, images, "YOLO")
     coco = _Coco(classes=list(classes or []), fixed_classes=bool(classes))
+    for image_id, (width, height), where, parts in _label_lines(coco, stems, images, source):
+        try:
+            idx, cx, cy, w, h = int(parts[0]), *map(float, parts[1:5])
+        except (ValueError, TypeError):
+            coco.skip("malformed label line", where)
+            continue
+        if idx < 0 or (classes and idx >= len(classes)):
+            coco.skip("class index out of range", where)
+            continue
+        cat = idx + 1
+        while len(coco.classes) < cat:     # unnamed classes are called by their index
+            coco.classes.append(str(len(coco.classes)))
+        box = ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
+        coco.add_box(image_id, cat, box, (width, height), where)
+    return coco.to_json(), coco.skipped
+
+
+def _label_lines(coco: "_Coco", stems: Dict[str, str], images: str, folder: str,
+                 header: Callable[[str], bool] = lambda line: False) -> Iterator[Tuple[int, Tuple[int, int], str,
+                                                                                        List[str]]]:
+    """Add each image of `stems` to `coco` and yield (image id, (width, height), 'file:line', fields) for each
+    non-empty, non-`header` line of its label file `folder`/stem.txt (an image without one has no objects, as YOLO
+    and DOTA have it). Sizes are as displayed: the labels were drawn on the EXIF-oriented image."""
     for stem, file_name in stems.items():
-        # YOLO labels are fractions of the image as displayed (ultralytics applies EXIF orientation): so is its size
-        width, height = displayed_size(*read_size(os.path.join(images, file_name)))
-        image_id = coco.add_image(file_name, width, height)
-        label = os.path.join(source, stem + ".txt")
+        size = displayed_size(*read_size(os.path.join(images, file_name)))
+        image_id = coco.add_image(file_name, *size)
+        label = os.path.join(folder, stem + ".txt")
         if not os.path.isfile(label):
-            continue        # YOLO's convention: an image without a label file has no objects
+            continue
         with open(label) as f:
             for n, line in enumerate(f, 1):
                 parts = line.split()
-                if not parts:
-                    continue
-                where = f"{os.path.basename(label)}:{n}"
-                try:
-                    idx, cx, cy, w, h = int(parts[0]), *map(float, parts[1:5])
-                except (ValueError, TypeError):
-                    coco.skip("malformed label line", where)
-                    continue
-                if idx < 0 or (classes and idx >= len(classes)):
-                    coco.skip("class index out of range", where)
-                    continue
-                cat = idx + 1
-                while len(coco.classes) < cat:     # unnamed classes are called by their index
-                    coco.classes.append(str(len(coco.classes)))
-                box = ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
-                coco.add_box(image_id, cat, box, (width, height), where)
-    return coco.to_json(), coco.skipped
+                if parts and not header(line):
+                    yield image_id, size, f"{os.path.basename(label)}:{n}", parts
 
 
 def _dota_object(parts: List[str]) -> Tuple[np.ndarray, str, int]:
@@ -395,30 +402,20 @@ def convert_dota(source: str, *, images: Optional[str], classes: Optional[List[s
     stems = _labelled_images(source, images, "DOTA")
     folder = _subfolder(source, ("labeltxt",)) or source
     coco = _Coco(classes=list(classes or []), fixed_classes=bool(classes))
-    for stem, file_name in stems.items():
-        width, height = displayed_size(*read_size(os.path.join(images, file_name)))
-        image_id = coco.add_image(file_name, width, height)
-        label = os.path.join(folder, stem + ".txt")
-        if not os.path.isfile(label):
+    header = lambda line: line.split(":", 1)[0].strip() in DOTA_HEADERS   # noqa: E731
+    for image_id, size, where, parts in _label_lines(coco, stems, images, folder, header):
+        try:
+            points, name, difficult = _dota_object(parts)
+        except ValueError:
+            coco.skip(f"malformed line (not '{DOTA_LINE}')", where)
             continue
-        with open(label) as f:
-            for n, line in enumerate(f, 1):
-                parts = line.split()
-                if not parts or line.split(":", 1)[0].strip() in DOTA_HEADERS:
-                    continue
-                where = f"{os.path.basename(label)}:{n}"
-                try:
-                    points, name, difficult = _dota_object(parts)
-                except ValueError:
-                    coco.skip(f"malformed line (not '{DOTA_LINE}')", where)
-                    continue
-                # the class first: a class seen only in skipped boxes still gets its id (the same in every split)
-                category = coco.category(name, where)
-                bbox = min_area_rect(points)
-                if bbox is None:
-                    coco.skip("zero-area polygon", where)
-                elif category is not None:
-                    coco.add_rotated(image_id, category, bbox, (width, height), where, iscrowd=int(difficult != 0))
+        # the class first: a class seen only in skipped boxes still gets its id (the same in every split)
+        category = coco.category(name, where)
+        bbox = min_area_rect(points)
+        if bbox is None:
+            coco.skip("zero-area polygon", where)
+        elif category is not None:
+            coco.add_rotated(image_id, category, bbox, size, where, iscrowd=int(difficult != 0))
     orphans = sorted(f for f in os.listdir(folder) if f.endswith(".txt") and os.path.splitext(f)[0] not in stems)
     if orphans:
         log.warning(f"{folder}: {len(orphans)} label file{'s' if len(orphans) > 1 else ''} without an image in "
