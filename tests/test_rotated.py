@@ -239,6 +239,42 @@ def test_assign_targets_uses_the_rotated_overlap():
     assert torch.allclose(deltas[0, 1], torch.tensor([0, 0, 0, 0, 0, 1.0]), atol=1e-6)
 
 
+@pytest.mark.parametrize("low_quality", [False, True])
+def test_matching_iou_matches_like_the_exact_matrix(low_quality):
+    """The bounded IoU (exact only where matching reads it) gives the exact matrix's class targets and, to every
+    anchor that is not background, its box; its other values are upper bounds below the background IoU."""
+    g = torch.Generator().manual_seed(9)
+    anchors = R.grid_anchors_rotated(R.generate_anchors_rotated(8, [0.3, 1.0, 3.3], [2.0, 3.0]), 8, 12, 12)
+    boxes = random_boxes(4 * 6, generator=g, spread=90).view(4, 6, 5)
+    boxes[..., :2] += 3                                                 # some tiny, some large, turned any way
+    labels = torch.randint(0, 3, (4, 6), generator=g)
+    labels[2, 4:] = -1
+    boxes[2, 4:] = 0
+    exact = R.batched_rotated_box_iou(anchors, boxes)
+    bounded = R.matching_iou(anchors, boxes.reshape(-1, 5), 0.4).view(len(anchors), 4, 6).transpose(0, 1)
+    assert (bounded >= exact - 1e-6).all()
+    computed = (bounded - exact).abs() < 1e-6
+    assert computed[exact > 0].float().mean() < 0.5                     # most overlapping pairs were only bounded
+    assert (bounded[~computed] < 0.4).all()
+    want = B.match_anchors(exact, labels, fg_iou=0.5, bg_iou=0.4, low_quality=low_quality)
+    got = B.match_anchors(bounded, labels, fg_iou=0.5, bg_iou=0.4, low_quality=low_quality)
+    assert torch.equal(got[0], want[0]) and (want[0] >= 0).sum() > 20 and (want[0] == -2).any()
+    assigned = want[0] != -1
+    assert torch.equal(got[1][assigned], want[1][assigned])
+    cls, deltas = R.assign_targets_rotated(anchors, boxes, labels, low_quality=low_quality)
+    assert torch.equal(cls, want[0])
+
+
+def test_iou_bound_is_an_upper_bound_exact_for_boxes_turned_alike():
+    g = torch.Generator().manual_seed(10)
+    a = random_boxes(4000, generator=g)
+    b = random_boxes(4000, generator=g, near=a)
+    bound, iou = R.iou_bound(a, b), R.pair_iou(a, b)
+    assert (bound >= iou - 1e-6).all() and (bound > iou + 0.05).any()
+    alike = torch.cat([b[:, :4], a[:, 4:]], 1)
+    assert torch.allclose(R.iou_bound(a, alike), R.pair_iou(a, alike), atol=1e-5)
+
+
 # -- decode and NMS ----------------------------------------------------------------------------------------------
 def test_decode_rotated_is_odtk_box_decode_plus_angles():
     g = torch.Generator().manual_seed(6)
