@@ -250,22 +250,29 @@ def iou_bound(a: Tensor, b: Tensor) -> Tensor:
                        torch.zeros_like(union))
 
 
+def _coarse_iou(enclose_a: Tensor, area_a: Tensor, enclose_b: Tensor, area_b: Tensor) -> Tensor:
+    """An upper bound of the IoU of rotated boxes from their enclosing boxes [..., 4] and areas [...]
+    (broadcasting): the two share no more than their enclosing boxes do, nor than the smaller area. As cheap as
+    odtk.box's IoU, and at theta = 0 that IoU itself, computed alike; 0 for boxes that cannot overlap."""
+    overlap = (torch.minimum(enclose_a[..., 2:], enclose_b[..., 2:])
+               - torch.maximum(enclose_a[..., :2], enclose_b[..., :2])).clamp(min=0)
+    inter = torch.minimum(overlap[..., 0] * overlap[..., 1], torch.minimum(area_a, area_b))
+    union = area_a + area_b - inter
+    return torch.where(inter > 0, inter / torch.where(inter > 0, union, torch.ones_like(union)),
+                       torch.zeros_like(inter))
+
+
 def _coarse_pairs(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """The pairs (i, j) of rotated boxes a [N, 5] x b [M, 5] that may overlap, and an upper bound [P] of their IoU
-    from their enclosing boxes (the two share no more than their enclosing boxes do, nor than the smaller area):
-    as cheap as odtk.box's IoU, and at theta = 0 that IoU itself."""
+    """The pairs (i, j) of rotated boxes a [N, 5] x b [M, 5] that may overlap, and their _coarse_iou [P]."""
     enclose_a, enclose_b = enclosing_boxes(a), enclosing_boxes(b)
-    area_a, area_b = B.box_area(a)[:, None], B.box_area(b)[None]
+    area_a, area_b = B.box_area(a), B.box_area(b)
     rows = max(1, TEST_CHUNK // max(1, b.shape[0]))
     found = []
     for start in range(0, a.shape[0], rows):
-        box, area = enclose_a[start:start + rows, None], area_a[start:start + rows]
-        overlap = (torch.minimum(box[..., 2:], enclose_b[None, :, 2:])
-                   - torch.maximum(box[..., :2], enclose_b[None, :, :2])).clamp(min=0)
-        inter = torch.minimum(overlap[..., 0] * overlap[..., 1], torch.minimum(area, area_b))
-        i, j = (inter > 0).nonzero(as_tuple=True)
-        inter = inter[i, j]
-        found.append((i + start, j, inter / (area[i, 0] + area_b[0, j] - inter)))
+        bound = _coarse_iou(enclose_a[start:start + rows, None], area_a[start:start + rows, None], enclose_b[None],
+                            area_b[None])
+        i, j = bound.nonzero(as_tuple=True)
+        found.append((i + start, j, bound[i, j]))
     return tuple(torch.cat(parts) for parts in zip(*found)) if found else (
         a.new_zeros(0, dtype=torch.long), a.new_zeros(0, dtype=torch.long), a.new_zeros(0))
 
@@ -374,6 +381,7 @@ def _greedy(boxes: Tensor, iou_threshold: float, limit: int) -> Tensor:
     the later boxes still in whose rotated IoU with it is over the threshold, which only those whose bounds may
     pass it are clipped for (_refine; pair_iou(kept, later), as rotated_box_iou(group, group) computes it)."""
     boxes = _work(boxes, boxes)[0]
+    enclose, area = enclosing_boxes(boxes), B.box_area(boxes)
     removed = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
     keep: List[int] = []
     for i in range(boxes.shape[0]):
@@ -382,10 +390,11 @@ def _greedy(boxes: Tensor, iou_threshold: float, limit: int) -> Tensor:
         if removed[i]:
             continue
         keep.append(i)
-        later, _, value = _coarse_pairs(boxes[i + 1:], boxes[i:i + 1])
-        later = later + i + 1
-        pick = ~removed[later] & (value > iou_threshold - BOUND_SLACK)
-        later, value = later[pick], value[pick]
+        value = _coarse_iou(enclose[i], area[i], enclose[i + 1:], area[i + 1:])
+        later = ((value > iou_threshold - BOUND_SLACK) & ~removed[i + 1:]).nonzero()[:, 0]
+        if not later.numel():
+            continue
+        value, later = value[later], later + i + 1
         kept = torch.full_like(later, i)
         level = torch.where(_unturned(boxes, boxes, kept, later), 2, 0).to(torch.uint8)
         _refine(boxes, boxes, kept, later, value, level, torch.full_like(value, iou_threshold))
