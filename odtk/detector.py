@@ -44,7 +44,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 @dataclass
 class Detections:
-    """What was found in one image: `boxes` [N, 4] x1 y1 x2 y2 in the image's own pixels, `scores` [N],
+    """What was found in one image: `boxes` [N, 4] x1 y1 x2 y2 in the image's own pixels, or for a rotated model
+    [N, 5] x1 y1 x2 y2 theta (the box before its turn about its centre, radians; odtk.rotated), `scores` [N],
     `labels` [N] dataset category ids, `names` their class names; sorted by decreasing score."""
     boxes: Tensor
     scores: Tensor
@@ -58,22 +59,37 @@ class Detections:
     def __len__(self) -> int:
         return len(self.scores)
 
-    def _rounded(self) -> Iterator[Tuple[List[float], float, int, str]]:
-        """(bbox x, y, w, h, score, category id, name) per detection, rounded as `odtk infer` writes them."""
-        for (x1, y1, x2, y2), s, label, name in zip(self.boxes.tolist(), self.scores.tolist(), self.labels.tolist(),
-                                                    self.names):
-            yield [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)], round(s, 5), label, name
+    def _shapes(self) -> List[dict]:
+        """Per detection {"bbox": [x, y, w, h]} rounded as `odtk infer` writes it; a rotated box (ODTK's rotated
+        output) {"bbox": [x, y, w, h, theta], "segmentation": [[x1, y1, ..., x4, y4]]}: theta to 5 decimals and
+        the 4 corners of odtk.rotated.corners, to 2 like the coordinates."""
+        from .rotated import corners
+        shapes = [{"bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2),
+                            *(round(t, 5) for t in theta)]}
+                  for x1, y1, x2, y2, *theta in self.boxes.tolist()]
+        if self.boxes.shape[-1] == 5:
+            for shape, points in zip(shapes, corners(self.boxes.double()).flatten(1).tolist()):
+                shape["segmentation"] = [[round(v, 2) for v in points]]
+        return shapes
+
+    def _rounded(self) -> Iterator[Tuple[dict, float, int, str]]:
+        """(_shapes' bbox [and segmentation], score, category id, name) per detection, rounded as `odtk infer`
+        writes them."""
+        scores = [round(s, 5) for s in self.scores.tolist()]
+        return zip(self._shapes(), scores, self.labels.tolist(), self.names)
 
     def to_coco(self, image_id: int) -> List[dict]:
-        """COCO result rows (bbox x, y, w, h), rounded as `odtk infer` writes them."""
-        return [{"image_id": image_id, "category_id": label, "bbox": bbox, "score": score}
-                for bbox, score, label, _ in self._rounded()]
+        """COCO result rows (bbox x, y, w, h; rotated: x, y, w, h, theta and the corners as segmentation), rounded
+        as `odtk infer` writes them."""
+        return [{"image_id": image_id, "category_id": label, **shape, "score": score}
+                for shape, score, label, _ in self._rounded()]
 
     def to_frame(self) -> dict:
-        """A video frame's JSON line: {"frame", "time", "detections": [{"bbox", "score", "category_id", "name"}]}."""
+        """A video frame's JSON line: {"frame", "time", "detections": [{"bbox", "score", "category_id", "name"}]}
+        (rotated boxes: "segmentation" after "bbox", as in to_coco)."""
         return {"frame": self.frame, "time": None if self.time is None else round(self.time, 4),
-                "detections": [{"bbox": bbox, "score": score, "category_id": label, "name": name}
-                               for bbox, score, label, name in self._rounded()]}
+                "detections": [{**shape, "score": score, "category_id": label, "name": name}
+                               for shape, score, label, name in self._rounded()]}
 
 
 @dataclass

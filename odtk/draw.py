@@ -5,9 +5,12 @@
     >>> save_jpeg(draw_detections(to_uint8("photo.jpg"), found, class_names=detector.class_names), "seen.jpg")
 
 Each class has a fixed colour (PALETTE by class index), boxes and labels scale with the image, and ground truth is
-drawn under the detections as thin white boxes labelled below their bottom-left corner.
+drawn under the detections as thin white boxes labelled below their bottom-left corner. Rotated boxes (rows x1 y1 x2
+y2 theta, odtk.rotated) are drawn as their 4-corner polygons, labelled at their top-most corner (ground truth: below
+the bottom-most).
 """
 import functools
+import math
 import os
 import zlib
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
@@ -18,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
 
+from .rotated import corners
 from .utils import OdtkError, atomic_path
 
 if TYPE_CHECKING:      # draw is imported by detector: no import back at run time
@@ -25,7 +29,7 @@ if TYPE_CHECKING:      # draw is imported by detector: no import back at run tim
 
 RGB = Tuple[int, int, int]
 Rect = Tuple[int, int, int, int]        # x0, y0, x1, y1, inclusive pixels
-GroundTruth = Tuple[Tensor, Sequence[str]]   # boxes [N, 4] x1 y1 x2 y2 in the image's pixels, and their names
+GroundTruth = Tuple[Tensor, Sequence[str]]   # boxes [N, 4] x1 y1 x2 y2 (or [N, 5] rotated) in pixels, their names
 
 # distinct, saturated colours (no white or grey: those are the ground truth's); class index i gets PALETTE[i % 20]
 PALETTE: Tuple[RGB, ...] = (
@@ -97,15 +101,49 @@ def text_color(background: RGB) -> RGB:
     return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
 
 
+def _to_pil(image: Tensor) -> Image.Image:
+    return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
+def _from_pil(pil: Image.Image) -> Tensor:
+    return torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
+
+
 def _draw_labels(image: Tensor, labels: List[Tuple[Rect, str, RGB]], font: ImageFont.ImageFont) -> Tensor:
     """Filled label backgrounds with their text, in order (later ones on top)."""
-    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    pil = _to_pil(image)
     draw = ImageDraw.Draw(pil)
     for rect, text, color in labels:
         draw.rectangle(rect, fill=color)
         left, top, _, _ = font.getbbox(text)    # the ink's offset from the text origin
         draw.text((rect[0] + LABEL_PAD - left, rect[1] + LABEL_PAD - top), text, fill=text_color(color), font=font)
-    return torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
+    return _from_pil(pil)
+
+
+def corner_anchor(points: Sequence[Sequence[float]], height: int, width: int, *, below: bool = False) -> Rect:
+    """Where label_rect puts a rotated box's label: a one-pixel box at the top-most of its corners [4, 2] (`below`:
+    the bottom-most; the left one of a tie, so an unrotated box's is its top-left or bottom-left corner), in whole
+    pixels inside the image."""
+    x, y = min(points, key=lambda p: (-p[1] if below else p[1], p[0]))
+    x, y = min(max(math.floor(x), 0), width - 1), min(max(math.floor(y), 0), height - 1)
+    return x, y, x, y
+
+
+def draw_outlines(image: Tensor, boxes: Tensor, colors: Sequence[RGB], width: int, *, below: bool = False
+                  ) -> Tuple[Tensor, List[Rect]]:
+    """Outlines of `width` pixels inside boxes [N, 4] (pixel_boxes, torchvision) or along the inside of rotated
+    boxes' [N, 5] corner polygons (Pillow), in `colors` -> the drawn copy and each box's label anchor for
+    label_rect (its pixel box; rotated: corner_anchor's, `below` for the ground truth)."""
+    height, image_width = image.shape[1:]
+    if boxes.shape[1] == 4:
+        pixels = pixel_boxes(boxes, height, image_width)
+        return draw_bounding_boxes(image, pixels, colors=list(colors), width=width), pixels.tolist()
+    points = corners(boxes.double()).tolist()
+    pil = _to_pil(image)
+    draw = ImageDraw.Draw(pil)
+    for polygon, color in zip(points, colors):
+        draw.polygon([tuple(p) for p in polygon], outline=color, width=width)
+    return _from_pil(pil), [corner_anchor(p, height, image_width, below=below) for p in points]
 
 
 def draw_detections(image: Tensor, detections: "Detections", *, class_names: Sequence[str], threshold: float = 0.3,
@@ -114,7 +152,9 @@ def draw_detections(image: Tensor, detections: "Detections", *, class_names: Seq
     `line_width` pixels inside each box in its class's colour (`class_names`: the model's classes, whose order
     fixes the colours) and a label "name 0.87" above it. `ground_truth` (boxes, names) is drawn first, under
     the detections, as thin white outlines (half the width) labelled below their bottom-left corner, so misses
-    (a white box alone) and false alarms (a coloured box alone) stand out. Highest scores are drawn last (on top)."""
+    (a white box alone) and false alarms (a coloured box alone) stand out. Highest scores are drawn last (on top).
+    Rotated boxes ([N, 5], detections or ground truth) are their corner polygons, labelled above the top-most
+    corner (ground truth: below the bottom-most)."""
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
         raise OdtkError(f"draw_detections: image of shape {tuple(image.shape)} and dtype {image.dtype}: "
                         f"expected uint8 3 x H x W (odtk.detector.to_uint8 makes one)")
@@ -122,19 +162,19 @@ def draw_detections(image: Tensor, detections: "Detections", *, class_names: Seq
     lw, font = line_width(height, width), load_font(font_size(height, width))
     labels: List[Tuple[Rect, str, RGB]] = []
     if ground_truth is not None and len(ground_truth[0]):
-        boxes = pixel_boxes(ground_truth[0], height, width)
-        image = draw_bounding_boxes(image, boxes, colors=GROUND_TRUTH_COLOR, width=max(1, lw // 2))
-        labels += [(label_rect(box, name, font, height, width, below=True), name, GROUND_TRUTH_COLOR)
-                   for box, name in zip(boxes.tolist(), ground_truth[1])]
+        boxes, names = ground_truth
+        image, anchors = draw_outlines(image, boxes, [GROUND_TRUTH_COLOR] * len(boxes), max(1, lw // 2),
+                                       below=True)
+        labels += [(label_rect(anchor, name, font, height, width, below=True), name, GROUND_TRUTH_COLOR)
+                   for anchor, name in zip(anchors, names)]
     keep = (detections.scores >= threshold).nonzero()[:, 0].flip(0)     # lowest score first: the best on top
     if len(keep):
-        boxes = pixel_boxes(detections.boxes[keep], height, width)
         names = [detections.names[i] for i in keep.tolist()]
         colors = [name_color(name, class_names) for name in names]
-        image = draw_bounding_boxes(image, boxes, colors=colors, width=lw)
+        image, anchors = draw_outlines(image, detections.boxes[keep], colors, lw)
         texts = [f"{name} {detections.scores[i]:.2f}" for name, i in zip(names, keep.tolist())]
-        labels += [(label_rect(box, text, font, height, width), text, color)
-                   for box, text, color in zip(boxes.tolist(), texts, colors)]
+        labels += [(label_rect(anchor, text, font, height, width), text, color)
+                   for anchor, text, color in zip(anchors, texts, colors)]
     return _draw_labels(image, labels, font) if labels else image.clone()
 
 

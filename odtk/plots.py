@@ -47,13 +47,15 @@ def _save_png(fig, path: str) -> None:
 # ---------------------------------------------------------------- evaluation
 
 def write_plots(annotations: str, detections: str, folder: str, *, results: Optional[Dict[str, Any]] = None,
-                score_threshold: float = SCORE_THRESHOLD) -> Dict[str, str]:
+                score_threshold: float = SCORE_THRESHOLD, rotated: bool = False) -> Dict[str, str]:
     """pr_curve.png, confusion_matrix.png, per_class_ap.png and per_class.csv in `folder` for a detections JSON
-    against its COCO annotations; `results`: odtk.evaluate.evaluate's for them, when already computed. Returns
-    {file name: path} ({} with a warning when there is no detection to plot)."""
+    against its COCO annotations; `results`: odtk.evaluate.evaluate's for them, when already computed, else
+    evaluated here (`rotated`: as evaluate's). Returns {file name: path} ({} with a warning when there is no
+    detection to plot). Boxes may be rotated (bbox [x, y, w, h, theta]): the confusion matrix matches them by
+    their rotated IoU."""
     from .evaluate import evaluate
     require_matplotlib()
-    results = evaluate(annotations, detections) if results is None else results
+    results = evaluate(annotations, detections, rotated=rotated) if results is None else results
     if "precision" not in results:
         log.warning(f"{detections}: no detections, no plots written to {folder}")
         return {}
@@ -131,10 +133,10 @@ def confusion_matrix(coco: dict, detections: List[dict], *, iou_threshold: float
                      score_threshold: float = SCORE_THRESHOLD) -> Tuple[np.ndarray, List[int]]:
     """Counts [true, predicted] over the categories (sorted by id) plus background, last: per image, detections
     scoring at least `score_threshold` are taken by descending score, each matching the unmatched ground-truth
-    box (of any class) it overlaps most if that IoU >= `iou_threshold`. An unmatched detection is a false alarm
-    (true background), an unmatched box a miss (predicted background). Crowd boxes and detections of unknown
-    categories are left out."""
-    from pycocotools import mask as coco_mask
+    box (of any class) it overlaps most if that IoU >= `iou_threshold` (COCO's IoU, of rotated boxes for bbox
+    [x, y, w, h, theta]: odtk.evaluate.coco_ious). An unmatched detection is a false alarm (true background), an
+    unmatched box a miss (predicted background). Crowd boxes and detections of unknown categories are left out."""
+    from .evaluate import coco_ious
     ids = sorted(c["id"] for c in coco["categories"])
     index = {c: i for i, c in enumerate(ids)}
     background = len(ids)
@@ -151,7 +153,7 @@ def confusion_matrix(coco: dict, detections: List[dict], *, iou_threshold: float
         dts = sorted(found[image["id"]], key=lambda d: -d["score"])
         ious = np.zeros((len(dts), len(gts)))
         if dts and gts:
-            ious = np.asarray(coco_mask.iou([d["bbox"] for d in dts], [g["bbox"] for g in gts], [0] * len(gts)))
+            ious = np.asarray(coco_ious([d["bbox"] for d in dts], [g["bbox"] for g in gts], [0] * len(gts)))
         free = np.ones(len(gts), dtype=bool)
         for i, d in enumerate(dts):
             overlap = np.where(free, ious[i], -1.0)   # a box matches one detection at most

@@ -84,6 +84,72 @@ def test_colours_are_fixed_per_class_and_ground_truth_is_white():
     assert line_width(100, 100) == 2 and line_width(1080, 1920) == 4 and font_size(1080, 1920) == 16
 
 
+def _near_edges(points, distance, shape) -> np.ndarray:
+    """The pixels whose centre lies within `distance` of a polygon's edges (points [K, 2])."""
+    ys, xs = np.mgrid[:shape[0], :shape[1]] + 0.5
+    near = np.zeros(shape, bool)
+    for a, b in zip(points, np.roll(points, -1, axis=0)):
+        t = (((xs - a[0]) * (b[0] - a[0]) + (ys - a[1]) * (b[1] - a[1])) / ((b - a) ** 2).sum()).clip(0, 1)
+        near |= np.hypot(xs - a[0] - t * (b[0] - a[0]), ys - a[1] - t * (b[1] - a[1])) <= distance
+    return near
+
+
+def _along_edges(points, depth):
+    """Pixels (x, y) `depth` pixels inside a convex polygon's edges (points [K, 2]), along the middle of each."""
+    for a, b in zip(points, np.roll(points, -1, axis=0)):
+        inward = np.array([a[1] - b[1], b[0] - a[0]]) / np.hypot(*(b - a))
+        inward *= np.sign(inward @ (points.mean(0) - a))
+        for f in np.linspace(0.25, 0.75, 9):
+            x, y = a + f * (b - a) + depth * inward
+            yield int(x), int(y)
+
+
+def test_rotated_boxes_are_drawn_as_polygons():
+    """A rotated detection is its corner polygon, labelled above its top-most corner; its enclosing box's
+    corners stay untouched. Rotated ground truth: a white polygon labelled below its bottom-most corner."""
+    from odtk.draw import corner_anchor
+    from odtk.rotated import corners, enclosing_boxes
+    height, width = 120, 160
+    image = torch.full((3, height, width), 90, dtype=torch.uint8)
+    box = torch.tensor([[40.0, 50.0, 120.0, 70.0, 0.5]])        # 80 x 20, turned ~29 degrees counter-clockwise
+    truth = torch.tensor([[5.0, 6.0, 35.0, 14.0, -0.4]])          # clear of the detection and its label
+    found = Detections(boxes=box, scores=torch.tensor([0.9]), labels=torch.tensor([2]), names=["circle"],
+                       image_size=(height, width))
+    drawn = draw_detections(image, found, class_names=CLASSES, ground_truth=(truth, ["square"]))
+    changed = (drawn != image).any(0).numpy()
+    pixels = drawn.permute(1, 2, 0).numpy()
+    lw, font = line_width(height, width), load_font(font_size(height, width))
+    points, truth_points = corners(box.double())[0].numpy(), corners(truth.double())[0].numpy()
+    label = _rect(label_rect(corner_anchor(points.tolist(), height, width), "circle 0.90", font, height, width),
+                  changed.shape)
+    truth_label = _rect(label_rect(corner_anchor(truth_points.tolist(), height, width, below=True), "square", font,
+                                   height, width, below=True), changed.shape)
+    allowed = _near_edges(points, lw + 1, changed.shape) | _near_edges(truth_points, lw, changed.shape)
+    assert not changed[~(allowed | label | truth_label)].any()      # only the outlines and the labels
+    assert changed[label].mean() > 0.5 and changed[truth_label].mean() > 0.5
+    assert label[int(points[:, 1].min()) - 2, int(points[np.argmin(points[:, 1]), 0])]   # above the top corner
+    assert truth_label[int(truth_points[:, 1].max()) + 2, int(truth_points[np.argmax(truth_points[:, 1]), 0])]
+    for x, y in _along_edges(points, 1.0):                  # the 2-pixel outline: a pixel inside each edge
+        assert tuple(pixels[y, x]) == class_color(1)
+    for x, y in _along_edges(truth_points, 0.5):            # the 1-pixel one: beside the point (Pillow's rounding)
+        assert (pixels[y - 1:y + 2, x - 1:x + 2] == GROUND_TRUTH_COLOR).all(-1).any()
+    x1, y1, x2, y2 = enclosing_boxes(box)[0].tolist()
+    for x, y in ((x1 + 2, y1 + 2), (x2 - 2, y1 + 2), (x2 - 2, y2 - 2), (x1 + 2, y2 - 2)):
+        assert not changed[int(y), int(x)]                  # the enclosing box's corners are not drawn
+
+
+def test_unrotated_rows_draw_as_boxes_do():
+    """theta 0: the polygon, its label and the ground truth's are exactly the axis-aligned drawing."""
+    image = _noise(100, 140, seed=3)
+    boxes, truth = [[10.4, 20.7, 70.2, 60.9], [80, 5, 130, 90]], [[30.5, 40.5, 90.2, 95.0]]
+    plain = draw_detections(image, _detections(boxes, [0.9, 0.6], ["square", "circle"], (100, 140)),
+                            class_names=CLASSES, ground_truth=(torch.tensor(truth), ["triangle"]))
+    turned = [[*b, 0.0] for b in boxes]
+    rotated = draw_detections(image, _detections(turned, [0.9, 0.6], ["square", "circle"], (100, 140)),
+                              class_names=CLASSES, ground_truth=(torch.tensor([[*truth[0], 0.0]]), ["triangle"]))
+    assert torch.equal(rotated, plain)
+
+
 def test_the_trained_model_draws_its_detections(trained):
     model, images, _, _, _ = trained
     from odtk.detector import to_uint8

@@ -66,6 +66,11 @@ def test_fit_resolution_lowers_the_size_until_the_budget_buys_enough_steps():
     assert 90 < iters < R.MIN_ITERS
 
 
+def test_learning_rate_scales_with_the_batch_up_to_odtks():
+    assert R.learning_rate(4) == 0.005 and R.learning_rate(2) == 0.0025
+    assert R.learning_rate(16) == R.learning_rate(64) == R.MAX_LR == 0.01
+
+
 def test_given_fields_are_what_differs_from_the_defaults():
     cfg = TrainConfig(model="m.pth", annotations="a.json", iters=300, jitter=(640, 1024))
     assert R.given_fields(cfg) == {"iters": 300}
@@ -93,6 +98,7 @@ def test_time_budget_trains_with_the_recipe_and_resume_keeps_it(synthetic, tmp_p
     cfg = saved["train_config"]
     assert saved["iteration"] == 4 and cfg["time_budget"] == 20 and cfg["iters"] == 4
     assert cfg["resize"] == R.MIN_RESIZE and cfg["clip_grad"] == R.CLIP_GRAD and cfg["batch"] == R.BATCH_PER_WORKER
+    assert cfg["lr"] == R.learning_rate(R.BATCH_PER_WORKER) == 0.005
     assert (cfg["warmup"], tuple(cfg["milestones"])) == R.schedule(4) and cfg["val_iters"] == 4
     caplog.clear()
     with caplog.at_level("INFO", logger="odtk"):   # same command again: the saved recipe, nothing re-measured
