@@ -150,10 +150,9 @@ def write_results(rows: List[dict], count: int, elapsed: float, cfg: InferConfig
     atomic_write_text(json.dumps(rows), cfg.output)
     log.info(f"{count} images, {len(rows)} detections in {elapsed:.1f}s ({count / max(elapsed, 1e-9):.2f} im/s) "
              f"-> {cfg.output}" + (f"; drawn images -> {cfg.save_images}" if cfg.save_images else ""))
-    if not cfg.annotations:
-        return {}
-    # axis-aligned models make the call they always made
-    return evaluate(cfg.annotations, cfg.output, rotated=True) if rotated else evaluate(cfg.annotations, cfg.output)
+    if cfg.annotations:
+        return evaluate(cfg.annotations, cfg.output, rotated=rotated)
+    return {}
 
 
 # -- drawn images (--save-images) -----------------------------------------------------------------------------------
