@@ -583,8 +583,9 @@ class Detector:
         keep &= known
         h, w = size
         boxes = boxes[keep].float()
-        if boxes.shape[1] == 5:   # rotated: scaled about the origin (theta kept), centres into the image
+        if boxes.shape[1] == 5:   # rotated: scaled (theta kept), centres into the image, theta in ODTK's range
             boxes = rotated_ops.clip_centres(torch.cat([boxes[:, :4] / ratio, boxes[:, 4:]], 1), (h, w))
+            boxes = rotated_ops.fold(boxes)
         else:
             boxes = boxes / ratio
             boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),      # each image's own edges,

@@ -342,6 +342,17 @@ def delta2box_rotated(deltas: Tensor, anchors: Tensor, size: Tuple[float, float]
     return torch.cat([boxes, theta[..., None]], dim=-1)
 
 
+def fold(boxes: Tensor) -> Tensor:
+    """The same rotated rectangles [..., 5] with theta in [-pi/4, pi/4] (ODTK's range, odtk.convert.fold_angle's
+    rule): k quarter turns taken off theta, width and height swapped when k is odd; boxes already there unchanged."""
+    turns = torch.round(boxes[..., 4] / (math.pi / 2))
+    half = (boxes[..., 2:4] - boxes[..., :2]) / 2
+    half = torch.where((turns % 2 != 0)[..., None], half.flip(-1), half)
+    ctr = centres(boxes)
+    folded = torch.cat([ctr - half, ctr + half, (boxes[..., 4] - turns * (math.pi / 2))[..., None]], dim=-1)
+    return torch.where((turns != 0)[..., None], folded, boxes)
+
+
 def clip_centres(boxes: Tensor, size: Tuple[float, float]) -> Tensor:
     """Boxes [..., 4] or rotated [..., 5] moved so that their centres are in an image of `size` (height, width),
     size and theta kept: clipping the corners would change a rotated shape."""

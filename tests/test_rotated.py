@@ -197,6 +197,21 @@ def test_encode_decode_roundtrip_and_theta_zero_is_odtk_box():
     assert R.delta2box_rotated(deltas.view(4, 25, 6), anchors.view(4, 25, 5)[0]).shape == (4, 25, 5)
 
 
+def test_fold_keeps_the_rectangle_and_matches_convert():
+    from odtk.convert import fold_angle
+    g = torch.Generator().manual_seed(11)
+    boxes = random_boxes(500, generator=g, dtype=torch.float64)
+    boxes[:, 4] *= 3                                                    # up to 3 quarter turns either way
+    folded = R.fold(boxes)
+    assert (folded[:, 4].abs() <= math.pi / 4 + 1e-12).all()
+    assert torch.allclose(R.corners(folded).sort(dim=1).values, R.corners(boxes).sort(dim=1).values, atol=1e-9)
+    for box, got in zip(boxes[:20].tolist(), folded[:20].tolist()):
+        w, h, theta = fold_angle(box[2] - box[0], box[3] - box[1], box[4])
+        assert got[2] - got[0] == pytest.approx(w) and got[3] - got[1] == pytest.approx(h) and got[4] == theta
+    inside = boxes[boxes[:, 4].abs() < math.pi / 4]
+    assert torch.equal(R.fold(inside), inside)
+
+
 def test_decode_clips_centres_and_log_sizes():
     anchors = torch.tensor([[90.0, 90.0, 110.0, 110.0, 0.5]])
     deltas = torch.tensor([[3.0, 0.0, 20.0, 0.0, 1.0, 0.0]])          # far right, huge width, +pi/2
