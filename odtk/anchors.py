@@ -1,6 +1,8 @@
 """How well a model's anchors fit a dataset's boxes, and anchors fitted to them (`odtk data`, `--anchor-scales auto`).
 
-Boxes are taken as training sees them, scaled by the resize, in input pixels. A box's best IoU with the anchors is
+Boxes are taken as training sees them, scaled by the resize, in input pixels; a rotated box by its own sides (the
+box before its turn), as if an anchor were turned like it: a rotated model's anchors turn too (by ModelConfig.angles),
+so this is the fit at the best angle, which the nearest of the anchor angles approaches. A box's best IoU with the anchors is
 computed analytically rather than on whole anchor grids: anchors of stride s are centred at (k + 1/2) s, and the
 intersection of a box with an anchor of given sides is the product of the two axes' overlaps, each largest at the
 grid centre nearest to the box's centre on that axis. So one anchor position per level gives the best IoU the
@@ -16,8 +18,8 @@ from torch import Tensor
 
 from .backbones.fpn import FPN
 from .box import generate_anchors
-from .checks import anchor_setting, at_least, ordered_range
-from .data import CocoDataset, scaled_size
+from .checks import anchor_setting, at_least, check_box_kind, ordered_range
+from .data import CocoDataset, scale_boxes, scaled_size
 from .info import numbers, table
 from .model import ModelConfig
 from .utils import OdtkError
@@ -225,13 +227,13 @@ def fit_warning(anchors: Anchors) -> Optional[str]:
 
 # -- the data ----------------------------------------------------------------------------------------------------
 def resized_boxes(dataset: CocoDataset, *, resize: int, max_size: int) -> Dict[int, Tensor]:
-    """Each image's boxes [M, 4] scaled as the loader scales them for `resize`/`max_size` (per-axis, after
-    scaled_size's rounding)."""
+    """Each image's boxes [M, 4] (rotated [M, 5]) scaled as the loader scales them for `resize`/`max_size`
+    (per-axis, after scaled_size's rounding)."""
     out = {}
     for image_id in dataset.ids:
         height, width = dataset.original_size(image_id)
         (h, w), _ = scaled_size(height, width, resize=resize, max_size=max_size)
-        out[image_id] = dataset.boxes[image_id] * torch.tensor([w / width, h / height] * 2)
+        out[image_id] = scale_boxes(dataset.boxes[image_id], w / width, h / height)
     return out
 
 
@@ -247,7 +249,7 @@ def data_report(dataset: CocoDataset, *, resize: int, max_size: int, scales: Set
                 fg_iou: float = 0.5, fit_poor_defaults: bool = False) -> dict:
     """What `odtk data` prints (format_report): counts, box sizes after the resize and the anchor fit."""
     per_image = resized_boxes(dataset, resize=resize, max_size=max_size)
-    boxes = torch.cat(list(per_image.values()))
+    boxes = torch.cat(list(per_image.values()))[:, :4]    # a rotated box's own sides (see the module's doc)
     if not len(boxes):
         raise OdtkError(f"{dataset.coco_path}: no boxes to report on")
     labels = torch.cat([dataset.labels[i] for i in per_image])
@@ -262,21 +264,23 @@ def data_report(dataset: CocoDataset, *, resize: int, max_size: int, scales: Set
             "boxes": len(boxes), "classes": classes, "per_image": (float(counts.double().mean()), int(counts.max())),
             "empty": int((counts == 0).sum()), "width": _percentiles(sides[:, 0]), "height": _percentiles(sides[:, 1]),
             "side": _percentiles(sides.prod(1).sqrt()), "aspect": _percentiles(sides[:, 1] / sides[:, 0]),
-            "choice": choice, "given": {"scales": scales, "ratios": ratios}}
+            "choice": choice, "given": {"scales": scales, "ratios": ratios}, "rotated": dataset.rotated}
 
 
 def describe_data(annotations: str, *, images: Optional[str] = None, resize: int = 800, max_size: int = 1333,
-                  scales: Setting = None, ratios: Setting = None, anchor_ious: Tuple[float, float] = (0.4, 0.5)
-                  ) -> dict:
+                  scales: Setting = None, ratios: Setting = None, anchor_ious: Tuple[float, float] = (0.4, 0.5),
+                  rotated: bool = False) -> dict:
     """`odtk data`: data_report on a COCO file alone; the images in `images` are only read (headers) for sizes the
-    file lacks."""
+    file lacks. `rotated`: its boxes are rotated ones (--rotated-bbox)."""
     at_least("--resize", resize, 1)
     at_least("--max-size", max_size, 1)
     ordered_range("--anchor-ious", anchor_ious, low=0, high=1)
     anchor_setting("--anchor-scales", scales)
     anchor_setting("--anchor-ratios", ratios)
     dataset = CocoDataset(images or os.path.dirname(os.path.abspath(annotations)), annotations, require_boxes=True,
-                          check_files=images is not None)
+                          check_files=images is not None, rotated=rotated)
+    check_box_kind(dataset, "--rotated-bbox" if rotated else "odtk data without --rotated-bbox",
+                   "drop --rotated-bbox" if rotated else "add --rotated-bbox")
     return data_report(dataset, resize=resize, max_size=max_size, scales=scales, ratios=ratios,
                        fg_iou=anchor_ious[1])
 
@@ -314,6 +318,8 @@ def format_report(d: dict) -> str:
         rows += [("anchors (fitted)", choice.fitted.describe()), ("", f"to keep them: {choice.fitted.flags()}")]
     rows.append(("best anchor level", _levels(choice.final.fit)))
     title = f"{d['path']}: at --resize {d['resize']} --max-size {d['max_size']}"
+    if d.get("rotated"):
+        title += " (rotated boxes: their own sides, before the turn)"
     text = table(title, rows)
     warning = fit_warning(choice.final)
     return text + (f"\nwarning: {warning}" if warning else "")

@@ -144,7 +144,7 @@ def top_k(scores: Tensor, k: int, *, floor: float = -math.inf) -> Tuple[Tensor, 
 
 def decode(cls_heads: List[Tensor], box_heads: List[Tensor], anchors: List[Tensor], *,
            threshold: float = 0.05, top_n: int = 1000, image_size: Tuple[int, int] = None,
-           box_channels: int = 4, to_boxes: Callable[..., Tensor] = delta2box
+           box_channels: int = 4, to_boxes: Callable[..., Tensor] = delta2box, sigmoid: bool = True
            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-level score threshold and top-n, then deltas -> boxes.
 
@@ -152,13 +152,14 @@ def decode(cls_heads: List[Tensor], box_heads: List[Tensor], anchors: List[Tenso
     (batch index, score, box, class) over all levels; within a level and image, candidates come in `top_k`'s order
     (score descending, then flat anchor index (y, x, a, c) ascending). `box_channels` deltas per anchor, turned
     into boxes by `to_boxes(deltas, anchors, image_size)` (odtk.rotated.decode_rotated passes its own).
+    `sigmoid` False: the class heads are probabilities already (a raw-heads graph's score outputs).
     """
     out_b, out_s, out_box, out_c = [], [], [], []
     for cls_head, box_head, level_anchors in zip(cls_heads, box_heads, anchors):
         b = cls_head.shape[0]
         num_anchors = box_head.shape[1] // box_channels
         num_classes = cls_head.shape[1] // num_anchors
-        scores = anchor_major(cls_head.sigmoid(), num_anchors).reshape(b, -1)      # (y, x, a, c)
+        scores = anchor_major(cls_head.sigmoid() if sigmoid else cls_head, num_anchors).reshape(b, -1)  # (y, x, a, c)
         deltas = anchor_major(box_head, num_anchors)
         top_scores, top_idx = top_k(scores, min(top_n, scores.shape[1]), floor=threshold)
         keep = top_scores > threshold

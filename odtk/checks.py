@@ -86,3 +86,16 @@ def check_export(cfg) -> None:
     if cfg.int8 and not cfg.calibration_images and not reuse_table:
         raise OdtkError("--int8 needs --calibration-images FOLDER: a few dozen images like the ones the model will "
                         "see (or an existing --calibration-table)")
+
+
+def check_box_kind(dataset, reader: str, fix: str) -> None:
+    """A COCO file whose boxes are of the other kind (rotated: bbox [x, y, w, h, theta]; axis-aligned:
+    [x, y, w, h]) than `reader` (what reads `dataset`, a CocoDataset) takes: one line ending in `fix`. A file without
+    boxes is of neither kind."""
+    found = dataset.rotated_annotations
+    if found is None or found == dataset.rotated:
+        return
+    have = ("rotated boxes (bbox [x, y, width, height, theta])" if found else
+            "axis-aligned boxes only (bbox [x, y, width, height])")
+    raise OdtkError(f"{dataset.coco_path}: {have}, but {reader} takes {'rotated' if dataset.rotated else 'axis-aligned'}"
+                    f" ones: {fix}")

@@ -221,7 +221,8 @@ def _no_categories(path: str, coco: dict) -> str:
 MALFORMED = "malformed (needs image_id, category_id and a finite bbox [x, y, width, height])"
 MALFORMED_ROTATED = ("malformed (needs image_id, category_id and a finite bbox [x, y, width, height, theta] or "
                      "[x, y, width, height])")
-ROTATED_IN_AXIS_ALIGNED = "rotated (a 5-value bbox [x, y, width, height, theta]; this dataset reads axis-aligned boxes)"
+ROTATED_IN_AXIS_ALIGNED = ("rotated (a 5-value bbox [x, y, width, height, theta]; this dataset reads axis-aligned "
+                           "boxes: --rotated-bbox reads rotated ones)")
 # why an annotation is dropped -> the field the warning quotes from the first such annotation
 DROPPED = {
     MALFORMED: None,
@@ -335,6 +336,7 @@ class CocoDataset(Dataset):
         self.boxes: Dict[int, Tensor] = {}
         self.labels: Dict[int, Tensor] = {}
         self.sizes: Dict[int, Tuple[int, int]] = {}   # (height, width) where the annotations give both
+        self.rotated_annotations: Optional[bool] = None   # whether the file's boxes are rotated (None: no boxes)
         if annotations:
             coco = read_coco(annotations)
             self.coco_path = annotations
@@ -378,6 +380,8 @@ class CocoDataset(Dataset):
         per_image: Dict[int, list] = {i: [] for i in self.ids}
         dropped: Dict[str, Tuple[int, dict]] = {}      # why -> (count, first annotation)
         folded: List[dict] = []
+        bboxes = [a.get("bbox") for a in coco["annotations"] if isinstance(a, dict)]
+        self.rotated_annotations = any(isinstance(b, list) and len(b) == 5 for b in bboxes) if bboxes else None
         for a in coco["annotations"]:
             box, why = annotation_box(a, sizes, categories, rotated=self.rotated)
             if why:

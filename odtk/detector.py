@@ -23,6 +23,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from . import rotated as rotated_ops
+from .checks import check_box_kind
 from .constants import category_ids_or_default
 from .data import CocoDataset, collate, find_images, load_image, normalize_image, resize_image, scaled_size
 from .draw import draw_detections
@@ -32,7 +34,8 @@ from .video import is_video, read_frames, video_info, video_writer
 
 ImageInput = Union[str, "os.PathLike[str]", Image.Image, np.ndarray, Tensor]
 Images = Union[ImageInput, Sequence[ImageInput]]
-Outputs = Tuple[Tensor, Tensor, Tensor]      # scores [B, D], boxes [B, D, 4] (input pixels), classes [B, D]
+# scores [B, D], boxes [B, D, 4] (a rotated model's [B, D, 5]: x1, y1, x2, y2, theta; input pixels), classes [B, D]
+Outputs = Tuple[Tensor, Tensor, Tensor]
 
 GLOB_CHARS = ("*", "?", "[")
 LIST_EXTENSIONS = (".txt",)        # a text file of image (or video) paths, one per line
@@ -109,9 +112,11 @@ class Backend:
     """A model that maps a normalised, padded batch to (scores, boxes, classes) in input pixels, on the CPU.
 
     Attributes describe its preprocessing and classes; `fit` is the fixed (height, width) of a fixed-size model
-    (images are scaled to fit inside it), None when it takes any size (multiples of `size_divisible`).
+    (images are scaled to fit inside it), None when it takes any size (multiples of `size_divisible`); `rotated`:
+    its boxes are rotated ones (x1, y1, x2, y2, theta).
     """
     kind = "?"
+    rotated: bool = False
     category_ids: List[int]
     class_names: Optional[List[str]] = None
     mean: List[float]
@@ -153,7 +158,7 @@ class TorchBackend(Backend):
         mc = model.config
         self.category_ids = category_ids_or_default(mc.category_ids, mc.num_classes)
         self.class_names, self.mean, self.std = mc.class_names, mc.mean, mc.std
-        self.size_divisible = mc.size_divisible
+        self.size_divisible, self.rotated = mc.size_divisible, mc.rotated
         self.defaults = Thresholds(mc.threshold, mc.nms, mc.detections)
         self.resize, self.max_size = resize, max_size
 
@@ -182,36 +187,73 @@ def _tighten(out: Outputs, limits: Thresholds, baked: Thresholds) -> Outputs:
     if limits.nms < baked.nms:
         for i in range(scores.shape[0]):
             valid = (scores[i] > 0).nonzero()[:, 0]
-            keep = valid[batched_nms(boxes[i, valid].float(), scores[i, valid].float(), classes[i, valid],
-                                     limits.nms)]
+            keep = valid[_class_nms(scores[i, valid].float(), boxes[i, valid].float(), classes[i, valid],
+                                    limits.nms)]
             dropped = torch.ones_like(scores[i], dtype=torch.bool)
             dropped[keep] = False
             scores[i, dropped] = 0
     scores, order = scores.sort(dim=1, descending=True, stable=True)
     order = order[:, :limits.detections]
-    return (scores[:, :limits.detections], boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4)),
+    return (scores[:, :limits.detections], boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, boxes.shape[-1])),
             classes.gather(1, order))
 
 
+def _class_nms(scores: Tensor, boxes: Tensor, classes: Tensor, iou: float) -> Tensor:
+    """The indices class-aware NMS keeps of one image's detections (rotated ones [N, 5] on the rotated IoU)."""
+    if boxes.shape[-1] == 5:
+        return rotated_ops.nms_rotated_keep(torch.zeros_like(classes), scores, boxes, classes, iou_threshold=iou,
+                                            detections=len(scores))
+    return batched_nms(boxes, scores, classes, iou)
+
+
 class OnnxBackend(Backend):
-    """An end-to-end ONNX graph (decode and NMS inside) in ONNX Runtime. A fixed-size graph fits every image into
-    its size; a dynamic-size one (export --dynamic-size) takes each image resized and padded as TorchBackend
-    does, by the resize/max_size of its metadata (what the model was trained at) unless the caller gives them."""
+    """An end-to-end ONNX graph (decode and NMS inside) in ONNX Runtime, or a rotated model's raw heads (ONNX has
+    no rotated NMS) followed by odtk.rotated's decode_rotated and nms_rotated here, with the anchors its metadata
+    describes (RawHeadsDecoder). A fixed-size graph fits every image into its size; a dynamic-size one (export
+    --dynamic-size) takes each image resized and padded as TorchBackend does, by the resize/max_size of its
+    metadata (what the model was trained at) unless the caller gives them."""
     kind = "ONNX Runtime"
 
     def __init__(self, path: str):
         meta = read_metadata(path)
-        if meta["flavour"] != "end2end":
+        self.rotated = bool(meta.get("rotated"))
+        if meta["flavour"] != "end2end" and not self.rotated:
             raise OdtkError(f"{path}: a raw-heads ONNX (for TensorRT) has no decode/NMS; export the default "
                             f"end-to-end graph for ONNX Runtime: odtk export model.pth model.onnx")
         self.session = onnx_session(path)
         _describe(self, meta)
+        self.decoder = RawHeadsDecoder(meta) if self.rotated else None
         self.fit = None if meta.get("dynamic") else tuple(meta["size"])
         self.kind = f"ONNX Runtime {self.session.get_providers()[0]}{' INT8' if meta.get('int8') else ''}"
 
     def __call__(self, images: Tensor, limits: Thresholds) -> Outputs:
-        out = self.session.run(None, {"input_1": np.ascontiguousarray(images.numpy())})
-        return _tighten(tuple(torch.from_numpy(o) for o in out), limits, self.defaults)
+        out = tuple(torch.from_numpy(o) for o in self.session.run(None, {"input_1": np.ascontiguousarray(
+            images.numpy())}))
+        if self.decoder:
+            return self.decoder(out, tuple(images.shape[-2:]), limits)
+        return _tighten(out, limits, self.defaults)
+
+
+class RawHeadsDecoder:
+    """Decode and NMS after a raw-heads graph (score_1..N probabilities, box_1..N deltas) on odtk's PyTorch ops,
+    as Model.detect runs them: a rotated ONNX model in ONNX Runtime. The anchors are rebuilt from the metadata
+    (strides, ratios, scales, angles) for each level's head size, so any input size works."""
+
+    def __init__(self, meta: dict):
+        self.top_n = meta.get("top_n", 1000)
+        self.strides = meta["strides"]
+        self.cells = [rotated_ops.generate_anchors_rotated(s, meta["ratios"], meta["scales"], meta["angles"])
+                      for s in self.strides]
+
+    def __call__(self, heads: Sequence[Tensor], image_size: Tuple[int, int], limits: Thresholds) -> Outputs:
+        levels = len(self.strides)
+        cls_heads, box_heads = list(heads[:levels]), list(heads[levels:])
+        anchors = [rotated_ops.grid_anchors_rotated(cell, stride, *head.shape[-2:])
+                   for cell, stride, head in zip(self.cells, self.strides, cls_heads)]
+        found = rotated_ops.decode_rotated(cls_heads, box_heads, anchors, threshold=limits.score, top_n=self.top_n,
+                                           image_size=image_size, sigmoid=False)
+        return rotated_ops.nms_rotated(*found, cls_heads[0].shape[0], iou_threshold=limits.nms,
+                                       detections=limits.detections)
 
 
 class PlanBackend(Backend):
@@ -283,6 +325,7 @@ def _describe(backend: Backend, meta: dict) -> None:
     backend.category_ids, backend.class_names = meta["category_ids"], meta.get("class_names")
     backend.mean, backend.std = meta["mean"], meta["std"]
     backend.size_divisible = meta.get("size_divisible", 32)
+    backend.rotated = bool(meta.get("rotated"))
     backend.defaults = Thresholds(meta.get("threshold", 0.05), meta.get("nms", 0.5), meta.get("detections", 100))
     # a dynamic-size model's resize (what it was trained at); a fixed-size one fits images into its size instead
     backend.resize, backend.max_size = meta.get("resize", backend.resize), meta.get("max_size", backend.max_size)
@@ -539,9 +582,14 @@ class Detector:
             self._warn_unknown(classes[keep & ~known])
         keep &= known
         h, w = size
-        boxes = boxes[keep].float() / ratio
-        boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),      # each image's own edges,
-                             boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], 1)   # not the padded batch's
+        boxes = boxes[keep].float()
+        if boxes.shape[1] == 5:   # rotated: scaled (theta kept), centres into the image, theta in ODTK's range
+            boxes = rotated_ops.clip_centres(torch.cat([boxes[:, :4] / ratio, boxes[:, 4:]], 1), (h, w))
+            boxes = rotated_ops.fold(boxes)
+        else:
+            boxes = boxes / ratio
+            boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),      # each image's own edges,
+                                 boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], 1)   # not the padded batch's
         classes = classes[keep].long()
         ids = torch.tensor(self.category_ids, dtype=torch.long)[classes]
         names = self.class_names
@@ -558,10 +606,13 @@ class Detector:
     def dataset(self, images: str, annotations: Optional[str] = None, *, resize: Optional[int] = None,
                 max_size: Optional[int] = None) -> CocoDataset:
         """A CocoDataset preprocessing like this model (for odtk's loaders and `detect_batch`), its class names
-        checked against the model's."""
+        and its kind of boxes (rotated or axis-aligned) checked against the model's."""
         b = self.backend
         dataset = CocoDataset(images, annotations, resize=resize or b.resize, max_size=max_size or b.max_size,
-                              fit=b.fit, category_ids=self.category_ids, mean=b.mean, std=b.std)
+                              fit=b.fit, category_ids=self.category_ids, mean=b.mean, std=b.std, rotated=b.rotated)
+        check_box_kind(dataset, f"this {'rotated' if b.rotated else 'axis-aligned'} model",
+                       "give rotated annotations, or an axis-aligned model" if b.rotated else
+                       "give axis-aligned annotations, or a model trained with --rotated-bbox")
         if b.class_names and dataset.class_names:
             for cat_id, name in zip(self.category_ids, b.class_names):
                 if dataset.class_names.get(cat_id, name) != name:

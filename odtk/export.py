@@ -53,6 +53,7 @@ class ExportConfig:
     max_size: Optional[int] = None
     # a --dynamic-size plan's (min, opt, max) input size, each a side (square) or "HxW"; default: size_profile's
     dynamic_size_opts: Optional[Tuple[SizeOpt, SizeOpt, SizeOpt]] = None
+    rotated_bbox: bool = False       # the model must be rotated (ODTK's flag; the checkpoint says so itself)
 
     def __post_init__(self) -> None:
         check_export(self)
@@ -106,6 +107,13 @@ def export_size(size: Sequence[int], divisible: int) -> Tuple[int, int]:
     return h, w
 
 
+def check_rotated(cfg: ExportConfig, model: Model) -> None:
+    """--rotated-bbox with an axis-aligned checkpoint: one line (a rotated one exports as such with or without)."""
+    if cfg.rotated_bbox and not model.config.rotated:
+        raise OdtkError(f"--rotated-bbox: {cfg.model} is an axis-aligned model (trained without --rotated-bbox); drop "
+                        f"the flag, or export a rotated model")
+
+
 def preprocess_sizes(cfg: ExportConfig, state: dict) -> Tuple[int, int]:
     """(resize, max_size) that inference applies to a dynamic graph: --resize/--max-size, else the checkpoint's
     training values (what `odtk infer model.pth` and Detector.load use), else odtk's defaults."""
@@ -114,7 +122,8 @@ def preprocess_sizes(cfg: ExportConfig, state: dict) -> Tuple[int, int]:
 
 
 class RawHeads(nn.Module):
-    """input_1 -> score_1..N (sigmoid class probabilities [B, A*C, H, W]) and box_1..N (deltas [B, A*4, H, W]).
+    """input_1 -> score_1..N (sigmoid class probabilities [B, A*C, H, W]) and box_1..N (deltas [B, A*4, H, W]; a
+    rotated model's [B, A*6, H, W]).
 
     With `half` the network runs in FP16 between float32 input and outputs: TensorRT 11 builds strongly typed
     networks only, so an FP16 engine needs FP16 in the ONNX itself."""
@@ -354,7 +363,8 @@ def prepare_for_int8(path: str, output: str, backbones: Sequence[str]) -> List[s
 def quantize_int8(fp32: str, output: str, cfg: ExportConfig, size: Tuple[int, int], meta: dict) -> None:
     """Static post-training INT8 in QDQ format with MinMax calibration on real images; Q/DQ inside the network
     only (decode/NMS stay float). Raw heads, for TensorRT (symmetric INT8 only): symmetric INT8 activations and
-    per-channel weights. End-to-end, for ONNX Runtime on CPU: asymmetric UINT8 activations, so ReLU/ReLU6 fold
+    per-channel weights. End-to-end (or a rotated model's heads without --raw-heads), for ONNX Runtime on CPU:
+    asymmetric UINT8 activations, so ReLU/ReLU6 fold
     into QLinearConv, and 7-bit (reduce_range) per-channel weights, which avoid the int16 saturation of U8S8
     kernels on CPUs without VNNI. Ranges are cached in --calibration-table."""
     symmetric = cfg.raw_heads
@@ -390,17 +400,22 @@ def export(cfg: ExportConfig) -> None:
     if ext != ".onnx":
         raise OdtkError(f"{cfg.output}: unknown export target (use .onnx or .plan)")
     model, state = Model.load(cfg.model)
+    check_rotated(cfg, model)
     size = export_size(cfg.size, model.config.size_divisible)
-    flavour = "raw" if cfg.raw_heads else "end2end"
+    # ONNX has no rotated NMS: a rotated model's graph is its raw heads, which ONNX Runtime inference decodes after
+    raw = cfg.raw_heads or model.config.rotated
+    flavour = "raw" if raw else "end2end"
     preprocess = preprocess_sizes(cfg, state)
     shape = (f"dynamic height and width (traced at {size[0]}x{size[1]}; inference resizes to {preprocess[0]}, "
              f"max {preprocess[1]})" if cfg.dynamic_size else f"{size[0]}x{size[1]}")
-    log.info(f"exporting {cfg.model} -> {cfg.output} ({'raw heads' if cfg.raw_heads else 'end-to-end'}, "
-             f"{shape}, opset {cfg.opset}{', INT8' if cfg.int8 else ''})")
+    kind = "rotated raw heads (decode and rotated NMS run after the graph)" if model.config.rotated and not \
+        cfg.raw_heads else "raw heads" if raw else "end-to-end"
+    log.info(f"exporting {cfg.model} -> {cfg.output} ({kind}, {shape}, opset {cfg.opset}"
+             f"{', INT8' if cfg.int8 else ''})")
     with tempfile.TemporaryDirectory() as tmp, \
             progress(total=3 if cfg.int8 else 1, desc="export", unit="step") as bar:
         fp32 = os.path.join(tmp, "fp32.onnx")
-        export_onnx(model, fp32 if cfg.int8 else cfg.output, size=size, raw_heads=cfg.raw_heads, batch=cfg.batch,
+        export_onnx(model, fp32 if cfg.int8 else cfg.output, size=size, raw_heads=raw, batch=cfg.batch,
                     opset=cfg.opset, dynamic=cfg.dynamic_size, preprocess=preprocess)
         bar.update(1)
         if not cfg.int8:
@@ -446,6 +461,7 @@ def export_plan(cfg: ExportConfig) -> None:
     engine = engine_class()   # fail in one line before minutes of work when TensorRT is absent
     opts = batch_profile(cfg)
     model, state = Model.load(cfg.model)
+    check_rotated(cfg, model)
     mc = model.config
     preprocess = preprocess_sizes(cfg, state)
     if cfg.dynamic_size:

@@ -108,9 +108,12 @@ def rotated_box_iou(a: Tensor, b: Tensor) -> Tensor:
 def detect(model, heads: Tuple[List[Tensor], List[Tensor]], image_size: Optional[Tuple[int, int]] = None, *,
            threshold: Optional[float] = None, nms_iou: Optional[float] = None, detections: Optional[int] = None
            ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Model.detect (decode + NMS, the model's limits unless overridden) on the CUDA kernels, for heads on a GPU."""
+    """Model.detect (decode + NMS, the model's limits unless overridden) on the CUDA kernels, for heads on a GPU;
+    a rotated model's on the rotated ones."""
     cfg = model.config
-    found = decode(heads[0], heads[1], model.cell_anchors, model.strides,
-                   threshold=cfg.threshold if threshold is None else threshold, top_n=cfg.top_n, image_size=image_size)
-    return nms(*found, iou_threshold=cfg.nms if nms_iou is None else nms_iou,
-               detections=cfg.detections if detections is None else detections)
+    to_boxes, suppress = (decode_rotated, nms_rotated) if cfg.rotated else (decode, nms)
+    found = to_boxes(heads[0], heads[1], model.cell_anchors, model.strides,
+                     threshold=cfg.threshold if threshold is None else threshold, top_n=cfg.top_n,
+                     image_size=image_size)
+    return suppress(*found, iou_threshold=cfg.nms if nms_iou is None else nms_iou,
+                    detections=cfg.detections if detections is None else detections)

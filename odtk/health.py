@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from . import box as box_ops
+from . import rotated as rotated_ops
 
 # box loss at 60% of the run (before the usual first lr decay), as a share of its first iterations' mean, above
 # which regression "has not learnt": healthy runs are at 0.4-0.6 of it by then (BCCD, synthetic) or, on the large
@@ -35,20 +36,27 @@ def mean_pairwise_iou(boxes: Tensor) -> float:
     return ((iou.sum() - iou.diagonal().sum()) / (n * (n - 1))).item()
 
 
+def axis_aligned(boxes: Tensor) -> Tensor:
+    """Boxes [..., 4] as they are, rotated ones [..., 5] as their enclosing boxes: what the checks compare."""
+    return rotated_ops.enclosing_boxes(boxes) if boxes.shape[-1] == 5 else boxes
+
+
 def top_boxes(model, heads, image_size) -> Tensor:
-    """Each image's highest-scoring box [B, 4] (input pixels), before NMS: what a collapsed model repeats."""
+    """Each image's highest-scoring box [B, 4] (input pixels; a rotated model's enclosing box), before NMS: what a
+    collapsed model repeats."""
     cls_heads, box_heads = heads
     cls_out, box_out = model.flatten([h.detach() for h in cls_heads], [h.detach() for h in box_heads])
     best = cls_out.amax(dim=2).argmax(dim=1)                               # [B] anchor index
     anchors = torch.cat(model.anchors(cls_heads))[best]
     deltas = box_out[torch.arange(best.shape[0], device=best.device), best].float()
-    return box_ops.delta2box(deltas, anchors, image_size)
+    to_boxes = rotated_ops.delta2box_rotated if model.config.rotated else box_ops.delta2box
+    return axis_aligned(to_boxes(deltas, anchors, image_size))
 
 
 def largest_gt(boxes: Tensor, labels: Tensor) -> Tensor:
-    """Each image's largest annotated box [B, 4] (a zero box when it has none)."""
+    """Each image's largest annotated box [B, 4] (a rotated one's enclosing box; a zero box when it has none)."""
     area = box_ops.box_area(boxes).masked_fill(labels < 0, -1.0)
-    return boxes[torch.arange(boxes.shape[0], device=boxes.device), area.argmax(dim=1)]
+    return axis_aligned(boxes[torch.arange(boxes.shape[0], device=boxes.device), area.argmax(dim=1)])
 
 
 class TrainingHealth:

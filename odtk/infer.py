@@ -47,6 +47,7 @@ class InferConfig:
     draw_threshold: float = 0.3         # the lowest score drawn
     draw_ground_truth: bool = False     # also draw the boxes of `annotations`
     verbose: bool = False
+    rotated_bbox: bool = False          # the model must be a rotated one (ODTK's flag; a model file says so itself)
 
     @property
     def torch_device(self) -> Optional[str]:
@@ -139,16 +140,18 @@ def run(detector: Detector, dataset: CocoDataset, cfg: InferConfig, ctx: Context
         rows, count = gather(rows, ctx), sum(gather([count], ctx))
         if ctx.rank:
             return {}
-    return write_results(rows, count, elapsed, cfg)
+    return write_results(rows, count, elapsed, cfg, rotated=detector.backend.rotated)
 
 
-def write_results(rows: List[dict], count: int, elapsed: float, cfg: InferConfig) -> Dict[str, float]:
-    """The detections JSON (atomically), a summary line, and COCO AP when annotated."""
+def write_results(rows: List[dict], count: int, elapsed: float, cfg: InferConfig, *, rotated: bool = False
+                  ) -> Dict[str, float]:
+    """The detections JSON (atomically), a summary line, and COCO AP when annotated (a rotated model's on the
+    rotated IoU)."""
     atomic_write_text(json.dumps(rows), cfg.output)
     log.info(f"{count} images, {len(rows)} detections in {elapsed:.1f}s ({count / max(elapsed, 1e-9):.2f} im/s) "
              f"-> {cfg.output}" + (f"; drawn images -> {cfg.save_images}" if cfg.save_images else ""))
     if cfg.annotations:
-        return evaluate(cfg.annotations, cfg.output)
+        return evaluate(cfg.annotations, cfg.output, rotated=rotated)
     return {}
 
 
@@ -267,6 +270,9 @@ def infer(cfg: InferConfig) -> Dict[str, float]:
     detector = Detector.load(cfg.model, device=cfg.torch_device,
                              precision="fp32" if cfg.full_precision else None, compile=cfg.compile, verbose=cfg.verbose)
     b = detector.backend
+    if cfg.rotated_bbox and not b.rotated:
+        raise OdtkError(f"--rotated-bbox: {cfg.model} is an axis-aligned model (trained without --rotated-bbox); "
+                        f"drop the flag, or give a rotated model")
     if b.max_batch and cfg.batch > b.max_batch:
         raise OdtkError(f"--batch {cfg.batch}: the engine takes at most {b.max_batch} images "
                         f"(export with --batch or --dynamic-batch-opts)")

@@ -16,6 +16,7 @@ An ONNX model gives its odtk metadata, opset, inputs and outputs, flavour and wh
 its odtk header (metadata), which needs neither TensorRT nor a GPU.
 """
 import json
+import math
 import os
 import struct
 import textwrap
@@ -120,7 +121,8 @@ def checkpoint_info(path: str, size: Optional[Sequence[int]] = None) -> dict:
     ema = state.get("ema") if isinstance(state.get("ema"), dict) else None
     return {"path": path, "format": "checkpoint", "file_size": os.path.getsize(path),
             **_description(mc.backbones, mc.num_classes, mc.category_ids, mc.class_names, mc.ratios, mc.scales,
-                           model.strides, mc.threshold, mc.nms, mc.detections),
+                           model.strides, mc.threshold, mc.nms, mc.detections,
+                           angles=mc.angles if mc.rotated else None),
             "pretrained": mc.pretrained, "parameters": total, "trainable": trainable,
             "size": [h, w], "size_source": source, "gflops": network_flops(mc, (h, w)) / 1e9,
             "flops_convention": FLOPS_CONVENTION, "iteration": state.get("iteration"),
@@ -183,12 +185,13 @@ def _unpack(f, layout: struct.Struct, path: str) -> tuple:
 
 def _description(backbones: List[str], num_classes: int, category_ids: Optional[List[int]],
                  class_names: Optional[List[str]], ratios: List[float], scales: List[float], strides: List[int],
-                 threshold: float, nms: float, detections: int) -> dict:
-    """The fields a checkpoint and an exported model's metadata share."""
+                 threshold: float, nms: float, detections: int, angles: Optional[List[float]] = None) -> dict:
+    """The fields a checkpoint and an exported model's metadata share; `angles`: a rotated model's anchor angles."""
     return {"backbones": list(backbones), "classes": num_classes,
             "category_ids": category_ids_or_default(category_ids, num_classes), "class_names": class_names,
+            "rotated": angles is not None,
             "anchors": {"ratios": list(ratios), "scales": list(scales), "strides": list(strides),
-                        "per_cell": len(ratios) * len(scales)},
+                        "angles": list(angles or []), "per_cell": len(ratios) * len(scales) * len(angles or [0])},
             "limits": {"threshold": threshold, "nms": nms, "detections": detections}}
 
 
@@ -196,7 +199,8 @@ def _from_metadata(meta: dict) -> dict:
     """`_description` and the input size from odtk's metadata of an exported model."""
     return {**_description(meta.get("backbones", []), meta.get("num_classes", 0), meta.get("category_ids"),
                            meta.get("class_names"), meta.get("ratios", []), meta.get("scales", []),
-                           meta.get("strides", []), meta.get("threshold"), meta.get("nms"), meta.get("detections")),
+                           meta.get("strides", []), meta.get("threshold"), meta.get("nms"), meta.get("detections"),
+                           angles=meta.get("angles", []) if meta.get("rotated") else None),
             "flavour": meta.get("flavour"), "size": meta.get("size"), "odtk_version": meta.get("odtk_version")}
 
 
@@ -240,7 +244,9 @@ def _shared_rows(d: dict) -> List[Tuple[str, str]]:
     return [("backbone", " + ".join(d["backbones"])),
             ("classes", _classes(d)),
             ("anchors", f"{a['per_cell']} per cell: ratios {numbers(a['ratios'])}, scales {numbers(a['scales'])}, "
-                        f"strides {numbers(a['strides'])}"),
+                        f"strides {numbers(a['strides'])}"
+                        + (f", angles {numbers([math.degrees(t) for t in a['angles']])} degrees (rotated boxes)"
+                           if d.get("rotated") else "")),
             ("post-processing", f"score > {lim['threshold']}, NMS IoU {lim['nms']}, {lim['detections']} "
                                 f"detections per image")]
 
@@ -264,7 +270,10 @@ def _checkpoint_rows(d: dict) -> List[Tuple[str, str]]:
 
 
 def _onnx_rows(d: dict) -> List[Tuple[str, str]]:
-    rows = [("flavour", FLAVOURS.get(d["flavour"], str(d["flavour"]))),
+    flavour = FLAVOURS.get(d["flavour"], str(d["flavour"]))
+    if d["flavour"] == "raw" and d.get("rotated"):
+        flavour = "rotated raw heads (for TensorRT, and ONNX Runtime: odtk decodes and runs rotated NMS after it)"
+    rows = [("flavour", flavour),
             ("INT8", f"yes ({d['int8']})" if isinstance(d["int8"], str) else "yes" if d["int8"] else "no (FP32)"),
             ("opset", str(d["opset"]))]
     rows += [("input" if i == 0 else "", _shape(v)) for i, v in enumerate(d["inputs"])]

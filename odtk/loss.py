@@ -45,10 +45,12 @@ def foreground_count(cls_target: Tensor, *, distributed: bool = False) -> Tensor
 def retinanet_loss(cls_out: Tensor, box_out: Tensor, cls_target: Tensor, box_target: Tensor, *,
                    alpha: float = 0.25, gamma: float = 2.0, beta: float = 0.11,
                    distributed: bool = False) -> Dict[str, Tensor]:
-    """cls_out [B, A, C], box_out [B, A, 4], targets from box.assign_targets. Losses are per foreground anchor."""
-    num_classes = cls_out.shape[-1]
+    """cls_out [B, A, C], box_out [B, A, K], targets from box.assign_targets (K = 4) or
+    rotated.assign_targets_rotated (K = 6: the angle's sin and cos regressed like the other deltas, as ODTK does).
+    Losses are per foreground anchor."""
+    num_classes, channels = cls_out.shape[-1], box_out.shape[-1]
     cls_target = cls_target.reshape(-1)
     num_fg = foreground_count(cls_target, distributed=distributed)
     cls = focal_loss(cls_out.reshape(-1, num_classes), cls_target, alpha=alpha, gamma=gamma)
-    box = box_loss(box_out.reshape(-1, 4), box_target.reshape(-1, 4), cls_target, beta=beta)
+    box = box_loss(box_out.reshape(-1, channels), box_target.reshape(-1, channels), cls_target, beta=beta)
     return {"cls": cls / num_fg, "box": box / num_fg}

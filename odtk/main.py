@@ -82,6 +82,10 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--logdir", help="TensorBoard log folder")
     p.add_argument("--post-metrics", metavar="URL", help="POST metrics as JSON to this URL")
     p.add_argument("--with-dali", action="store_true", help="load data with NVIDIA DALI")
+    p.add_argument("--rotated-bbox", action="store_true",
+                   help="rotated boxes (ODTK's): annotations' bbox [x, y, w, h, theta] (theta in radians, within "
+                        "+-pi/4), anchors also turned by -30, 0 and 30 degrees, a 6th box output for the angle, "
+                        "matching and NMS on the rotated IoU, validation AP on it")
     p.add_argument("--augment-rotate", action="store_true", help="random quarter-turn rotations")
     p.add_argument("--augment-crop", action="store_true",
                    help="random crop keeping boxes (SSD-style min-IoU), before the resize")
@@ -135,6 +139,9 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
                     "Runtime, .plan on the GPU)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (.pth): slower start, faster batches; pays on long runs")
+    p.add_argument("--rotated-bbox", action="store_true",
+                   help="expect a rotated model (trained with --rotated-bbox; a model file says so itself, so this "
+                        "only checks): detections as bbox [x, y, w, h, theta] and corners, AP on the rotated IoU")
     p.add_argument("--plots", metavar="FOLDER",
                    help="with --annotations: write pr_curve.png, confusion_matrix.png, per_class_ap.png and "
                         "per_class.csv there (needs odtk[plots])")
@@ -153,6 +160,10 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
                    help="folder of calibration images (required with --int8 unless --calibration-table exists)")
     p.add_argument("--calibration-table", default="", help="calibration table to save/reuse")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    p.add_argument("--rotated-bbox", action="store_true",
+                   help="expect a rotated model (the checkpoint says so itself, so this only checks): its ONNX holds "
+                        "the raw heads (ONNX has no rotated NMS: ONNX Runtime inference decodes and suppresses after "
+                        "the graph), its .plan the rotated decode/NMS plugins")
     p.add_argument("--raw-heads", action="store_true",
                    help="export only the network (input_1 -> score_1..N, box_1..N: ODTK's TensorRT contract) instead "
                         "of the end-to-end graph with decode and NMS (scores, boxes, classes) that ONNX Runtime runs")
@@ -222,6 +233,9 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
                    help="folder of the images, read (headers only) for images without width/height in the JSON")
     p.add_argument("--resize", type=int, default=800, help="shorter side, as training's --resize")
     p.add_argument("--max-size", type=int, default=1333, help="cap on the longer side, as training's --max-size")
+    p.add_argument("--rotated-bbox", action="store_true",
+                   help="rotated boxes (bbox [x, y, w, h, theta]), as training's --rotated-bbox: the fit uses each "
+                        "box's own sides (its anchors turn too)")
     _anchor_flags(p, "anchor sides as multiples of the stride, or auto: fit them (default: ODTK's 4 5.04 6.35)",
                   "anchor height/width ratios, or auto: fit them (default: ODTK's 1 2 0.5)")
     for sub_parser in sub.choices.values():   # --verbose also after the command (ODTK's `export ... --verbose`)
@@ -253,7 +267,7 @@ def run(args: argparse.Namespace) -> None:
             backbone_weights=args.backbone_weights, clip_grad=args.clip_grad, loader_workers=args.loader_workers,
             seed=args.seed, ema=args.ema, workers=args.workers, nodes=args.nodes, node_rank=args.node_rank,
             master=args.master, with_dali=args.with_dali, device=args.device, time_budget=args.time_budget,
-            verbose=args.verbose)
+            verbose=args.verbose, rotated_bbox=args.rotated_bbox)
         train(cfg)
     elif args.command == "infer":
         from .infer import InferConfig, infer
@@ -263,7 +277,7 @@ def run(args: argparse.Namespace) -> None:
                                     with_dali=args.with_dali, device=args.device, compile=args.compile,
                                     plots=args.plots, save_images=args.save_images,
                                     draw_threshold=args.draw_threshold, draw_ground_truth=args.draw_ground_truth,
-                                    verbose=args.verbose))
+                                    verbose=args.verbose, rotated_bbox=args.rotated_bbox))
         if results and results.get("table"):   # the library returns the evaluation report; showing it is the CLI's job
             print(results["table"])
     elif args.command == "export":
@@ -274,7 +288,7 @@ def run(args: argparse.Namespace) -> None:
                             calibration_batches=args.calibration_batches, calibration_table=args.calibration_table,
                             dynamic_batch_opts=args.dynamic_batch_opts, device=args.device, verbose=args.verbose,
                             dynamic_size=args.dynamic_size, resize=args.resize, max_size=args.max_size,
-                            dynamic_size_opts=args.dynamic_size_opts))
+                            dynamic_size_opts=args.dynamic_size_opts, rotated_bbox=args.rotated_bbox))
     elif args.command == "benchmark":
         from .benchmark import BenchmarkConfig, benchmark, benchmark_table
         rows = benchmark(BenchmarkConfig(model=args.model, images=args.images, annotations=args.annotations,
@@ -303,7 +317,7 @@ def run(args: argparse.Namespace) -> None:
         print(format_report(describe_data(args.annotations, images=args.images, resize=args.resize,
                                           max_size=args.max_size, scales=_anchor_setting(args.anchor_scales),
                                           ratios=_anchor_setting(args.anchor_ratios),
-                                          anchor_ious=tuple(args.anchor_ious))))
+                                          anchor_ious=tuple(args.anchor_ious), rotated=args.rotated_bbox)))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

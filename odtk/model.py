@@ -12,6 +12,7 @@ from torch import Tensor
 
 from . import box as box_ops
 from . import extension
+from . import rotated as rotated_ops
 from .backbones import build_backbone
 from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .loss import retinanet_loss
@@ -44,10 +45,18 @@ class ModelConfig:
     mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
     size_divisible: int = 32
+    rotated: bool = False             # rotated boxes (x1, y1, x2, y2, theta): anchors at `angles`, 6 box deltas
+    angles: List[float] = field(default_factory=lambda: list(rotated_ops.DEFAULT_ANGLES))   # rotated models only
 
     @property
     def num_anchors(self) -> int:
-        return len(self.ratios) * len(self.scales)
+        """Anchors per cell: ratios x scales, times the angles for a rotated model."""
+        return len(self.ratios) * len(self.scales) * (len(self.angles) if self.rotated else 1)
+
+    @property
+    def box_channels(self) -> int:
+        """Box deltas per anchor: (dx, dy, dw, dh), and (sin, cos) of the turn for a rotated model."""
+        return 6 if self.rotated else 4
 
 
 def _head(out_channels: int, *, channels: int = 256, depth: int = 4) -> nn.Sequential:
@@ -70,15 +79,19 @@ class Model(nn.Module):
                                         for name in config.backbones})
         self.strides = [s for b in self.backbones.values() for s in b.strides]
         self.cls_head = _head(config.num_anchors * config.num_classes)
-        self.box_head = _head(config.num_anchors * 4)
+        self.box_head = _head(config.num_anchors * config.box_channels)
         # prior probability 0.01 for every class: the focal loss starts near its equilibrium
         nn.init.constant_(self.cls_head[-1].bias, -math.log((1 - 0.01) / 0.01))
-        self._cell_anchors = [box_ops.generate_anchors(s, config.ratios, config.scales) for s in self.strides]
+        if config.rotated and not config.angles:
+            raise OdtkError("a rotated model needs at least one anchor angle (ModelConfig.angles)")
+        self._cell_anchors = [rotated_ops.generate_anchors_rotated(s, config.ratios, config.scales, config.angles)
+                              if config.rotated else box_ops.generate_anchors(s, config.ratios, config.scales)
+                              for s in self.strides]
         self._anchor_cache: "OrderedDict[tuple, List[Tensor]]" = OrderedDict()   # least recently used first
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Heads:
-        """Raw head outputs per level: class logits [B, A*C, H, W] and box deltas [B, A*4, H, W]."""
+        """Raw head outputs per level: class logits [B, A*C, H, W] and box deltas [B, A*4, H, W] (A*6 rotated)."""
         features = [f for b in self.backbones.values() for f in b(x)]
         return [self.cls_head(f) for f in features], [self.box_head(f) for f in features]
 
@@ -86,11 +99,12 @@ class Model(nn.Module):
     @property
     def cell_anchors(self) -> List[Tensor]:
         """Per level, the anchors of one cell [A, 4] (x1, y1, x2, y2 about the cell's origin), A = ratios x scales in
-        the order of the heads' channels."""
+        the order of the heads' channels; a rotated model's [A, 5], theta last, A = angles x scales x ratios."""
         return list(self._cell_anchors)
 
     def anchors(self, heads: List[Tensor]) -> List[Tensor]:
-        """Per level, every anchor [H*W*A, 4] (input pixels, anchor order y, x, a) of heads of these sizes."""
+        """Per level, every anchor [H*W*A, 4] ([H*W*A, 5] rotated; input pixels, anchor order y, x, a) of heads of
+        these sizes."""
         return self._grid_anchors(tuple(tuple(h.shape[-2:]) for h in heads), heads[0].device)
 
     def anchors_for(self, image_size: Tuple[int, int], device: Optional[torch.device] = None) -> List[Tensor]:
@@ -104,7 +118,8 @@ class Model(nn.Module):
         key = (sizes, device)
         grids = self._anchor_cache.get(key)
         if grids is None:
-            grids = [box_ops.grid_anchors(cell.to(device), stride, h, w)
+            grid = rotated_ops.grid_anchors_rotated if self.config.rotated else box_ops.grid_anchors
+            grids = [grid(cell.to(device), stride, h, w)
                      for cell, stride, (h, w) in zip(self._cell_anchors, self.strides, sizes)]
             self._anchor_cache[key] = grids
             if len(self._anchor_cache) > ANCHOR_CACHE_SIZE:
@@ -115,21 +130,25 @@ class Model(nn.Module):
 
     # -- training ------------------------------------------------------------------------------
     def flatten(self, cls_heads: List[Tensor], box_heads: List[Tensor]) -> Tuple[Tensor, Tensor]:
-        """Heads -> [B, total anchors, C] and [B, total anchors, 4] in anchor order (y, x, a)."""
+        """Heads -> [B, total anchors, C] and [B, total anchors, 4 (6 rotated)] in anchor order (y, x, a)."""
         a = self.config.num_anchors
         return (torch.cat([box_ops.anchor_major(h, a) for h in cls_heads], 1),
                 torch.cat([box_ops.anchor_major(h, a) for h in box_heads], 1))
 
     def loss(self, heads: Heads, boxes: Tensor, labels: Tensor, *, low_quality: bool = True,
              distributed: bool = False) -> Dict[str, Tensor]:
-        """Focal + smooth-L1 losses for padded targets boxes [B, M, 4], labels [B, M] (-1 = padding).
-        `distributed`: normalise by the foreground count of all ranks (see loss.foreground_count)."""
+        """Focal + smooth-L1 losses for padded targets boxes [B, M, 4] (a rotated model's [B, M, 5]), labels [B, M]
+        (-1 = padding). `distributed`: normalise by the foreground count of all ranks (see loss.foreground_count)."""
         cls_heads, box_heads = heads
         anchors = torch.cat(self.anchors(cls_heads))
+        if boxes.shape[-1] != anchors.shape[-1]:
+            raise OdtkError(f"{'rotated' if self.config.rotated else 'axis-aligned'} model given boxes of "
+                            f"{boxes.shape[-1]} values (it takes {anchors.shape[-1]}): load the dataset with "
+                            f"rotated={self.config.rotated}")
+        assign = rotated_ops.assign_targets_rotated if self.config.rotated else box_ops.assign_targets
         with torch.no_grad():
             bg, fg = self.config.anchor_ious
-            cls_target, box_target = box_ops.assign_targets(anchors, boxes, labels, fg_iou=fg, bg_iou=bg,
-                                                            low_quality=low_quality)
+            cls_target, box_target = assign(anchors, boxes, labels, fg_iou=fg, bg_iou=bg, low_quality=low_quality)
         cls_out, box_out = self.flatten(cls_heads, box_heads)
         return retinanet_loss(cls_out, box_out, cls_target, box_target, distributed=distributed)
 
@@ -137,7 +156,8 @@ class Model(nn.Module):
     def detect(self, heads: Heads, image_size: Optional[Tuple[int, int]] = None, *, threshold: Optional[float] = None,
                nms: Optional[float] = None, detections: Optional[int] = None, kernels: Optional[bool] = None
                ) -> Tuple[Tensor, Tensor, Tensor]:
-        """Decode + class-aware NMS -> scores [B, D], boxes [B, D, 4] (input pixels), classes [B, D].
+        """Decode + class-aware NMS -> scores [B, D], boxes [B, D, 4] (a rotated model's [B, D, 5]; input pixels),
+        classes [B, D].
         `threshold`, `nms` and `detections` override the config's for this call. `kernels`: odtk._C's CUDA decode
         and NMS (same results as odtk.box, a few times faster); None uses them when built and the heads are on a GPU,
         False keeps odtk.box's PyTorch ops."""
@@ -147,11 +167,13 @@ class Model(nn.Module):
         if kernels:
             return extension.detect(self, heads, image_size, threshold=threshold, nms_iou=nms, detections=detections)
         cfg = self.config
-        found = box_ops.decode(cls_heads, box_heads, self.anchors(cls_heads),
-                               threshold=cfg.threshold if threshold is None else threshold, top_n=cfg.top_n,
-                               image_size=image_size)
-        return box_ops.nms(*found, cls_heads[0].shape[0], iou_threshold=cfg.nms if nms is None else nms,
-                           detections=cfg.detections if detections is None else detections)
+        decode, suppress = ((rotated_ops.decode_rotated, rotated_ops.nms_rotated) if cfg.rotated
+                            else (box_ops.decode, box_ops.nms))
+        found = decode(cls_heads, box_heads, self.anchors(cls_heads),
+                       threshold=cfg.threshold if threshold is None else threshold, top_n=cfg.top_n,
+                       image_size=image_size)
+        return suppress(*found, cls_heads[0].shape[0], iou_threshold=cfg.nms if nms is None else nms,
+                        detections=cfg.detections if detections is None else detections)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

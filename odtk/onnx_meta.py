@@ -19,16 +19,18 @@ def metadata(model: "Model", size: Tuple[int, int], flavour: str, *, dynamic: bo
     """What inference needs to run `model` exported at input `size` (height, width) as `flavour` (raw, end2end,
     plan): preprocessing, classes, thresholds and the anchor geometry. `dynamic`: the graph takes any height and
     width (multiples of size_divisible; `size` is only where it was traced), and inference resizes each image as
-    a .pth does, shorter side to `resize` capped by `max_size` (`preprocess`)."""
+    a .pth does, shorter side to `resize` capped by `max_size` (`preprocess`). A rotated model's also holds its
+    anchor angles and top_n: ONNX Runtime decodes its raw heads after the graph (odtk.detector.RawHeadsDecoder)."""
     mc = model.config
     resize, max_size = preprocess
+    rotated = {"angles": list(mc.angles), "top_n": mc.top_n} if mc.rotated else {}
     return {"odtk_version": __version__, "flavour": flavour, "size": list(size), "dynamic": dynamic,
             "resize": resize, "max_size": max_size, "stride": max(model.strides),
             "size_divisible": mc.size_divisible, "mean": mc.mean, "std": mc.std, "num_classes": mc.num_classes,
             "category_ids": category_ids_or_default(mc.category_ids, mc.num_classes),
             "class_names": mc.class_names, "backbones": mc.backbones, "threshold": mc.threshold, "nms": mc.nms,
             "detections": mc.detections, "ratios": mc.ratios, "scales": mc.scales, "levels": len(model.strides),
-            "strides": model.strides}
+            "strides": model.strides, "rotated": mc.rotated, **rotated}
 
 
 def set_metadata(proto, meta: dict) -> None:

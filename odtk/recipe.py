@@ -79,7 +79,7 @@ def relative_sides(dataset: CocoDataset) -> Tuple[Tensor, Tensor, Tensor]:
         aspect.append(max(height, width) / short)
         boxes = dataset.boxes[image_id]
         if len(boxes):
-            sides.append((boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(1).sqrt() / short)
+            sides.append((boxes[:, 2:4] - boxes[:, :2]).clamp(min=0).prod(1).sqrt() / short)   # rotated: own sides
     return torch.cat(sides).double(), torch.tensor(shorter, dtype=torch.float64), torch.tensor(aspect,
                                                                                                dtype=torch.float64)
 
@@ -121,7 +121,8 @@ def step_seconds(model: torch.nn.Module, *, size: Tuple[int, int], batch: int, d
     net = copy.deepcopy(model).to(device).train()
     x = torch.randn(batch, 3, *size, device=device)
     h, w = size
-    boxes = torch.tensor([[w * 0.25, h * 0.25, w * 0.75, h * 0.75]], device=device).expand(batch, 1, 4)
+    box = [w * 0.25, h * 0.25, w * 0.75, h * 0.75, 0.5][:5 if model.config.rotated else 4]   # rotated: theta too
+    boxes = torch.tensor([box], device=device).expand(batch, 1, len(box))
     labels = torch.zeros(batch, 1, dtype=torch.long, device=device)
     times = []
     for _ in range(reps + 1):

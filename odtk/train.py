@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import recipe
 from .anchors import AUTO, AnchorChoice, data_report, fit_warning, format_report, short_report
 from .backbones import BACKBONES, find_weights, load_imagenet
-from .checks import anchor_setting, at_least, check_writable, non_negative, ordered_range, positive
+from .checks import anchor_setting, at_least, check_box_kind, check_writable, non_negative, ordered_range, positive
 from .data import Augment, CocoDataset, loader_factory
 from .distributed import (MASTER, Context, Ranks, StopRequest, TrainingStopped, check_nodes, launch, local_workers,
                           resolve_device, torchrun_context)
@@ -79,6 +79,7 @@ class TrainConfig:
     device: str = "auto"             # auto: the GPUs when PyTorch sees one, else the CPU
     time_budget: Optional[float] = None   # minutes: fit the recipe's defaults to the data and this time (recipe.py)
     verbose: bool = False
+    rotated_bbox: bool = False       # rotated boxes (ODTK's --rotated-bbox): rotated data, anchors, IoU and NMS
 
     def __post_init__(self) -> None:
         self.validate()
@@ -138,7 +139,7 @@ def build_model(cfg: TrainConfig, dataset: CocoDataset) -> Tuple[Model, dict]:
     anchors = log_data(cfg, anchor_report(cfg, dataset)).final
     config = ModelConfig(backbones=backbones, num_classes=num_classes, anchor_ious=list(cfg.anchor_ious),
                          pretrained=pretrained, category_ids=dataset.category_ids, class_names=names,
-                         scales=anchors.scales, ratios=anchors.ratios)
+                         scales=anchors.scales, ratios=anchors.ratios, rotated=cfg.rotated_bbox)
     model = Model(config=config)
     if pretrained:
         for name, path in weights.items():
@@ -186,6 +187,7 @@ def fine_tuned(cfg: TrainConfig, dataset: CocoDataset, num_classes: int, names: 
     learned them."""
     base, _ = Model.load(cfg.fine_tune)
     mc = base.config
+    check_rotated(cfg, mc, cfg.fine_tune, "--fine-tune starts from", "fine-tune from a rotated model")
     if cfg.anchor_scales is not None or cfg.anchor_ratios is not None:
         log.warning(f"--fine-tune keeps the anchors of {cfg.fine_tune} (scales {_shown(mc.scales)}, ratios "
                     f"{_shown(mc.ratios)}): --anchor-scales/--anchor-ratios ignored")
@@ -202,9 +204,22 @@ def fine_tuned(cfg: TrainConfig, dataset: CocoDataset, num_classes: int, names: 
     return model
 
 
+def check_rotated(cfg: TrainConfig, config: ModelConfig, path: str, use: str, rotated_fix: str) -> None:
+    """A checkpoint of the other kind of boxes than --rotated-bbox asks for, which training `use`s: one line."""
+    if config.rotated == cfg.rotated_bbox:
+        return
+    if config.rotated:
+        raise OdtkError(f"{path}: a rotated model (trained with --rotated-bbox), which {use}: add --rotated-bbox")
+    raise OdtkError(f"{path}: an axis-aligned model, which {use}, but --rotated-bbox asks for a rotated one: drop "
+                    f"--rotated-bbox, or {rotated_fix}")
+
+
 def check_resume(cfg: TrainConfig, config: ModelConfig) -> None:
-    """Resuming keeps the checkpoint's model: refuse --backbone/--classes/--anchor-scales/--anchor-ratios that say
-    otherwise rather than ignore them (`auto` anchors are the checkpoint's, fitted when it was started)."""
+    """Resuming keeps the checkpoint's model: refuse --backbone/--classes/--anchor-scales/--anchor-ratios (and
+    --rotated-bbox, which must match it) that say otherwise rather than ignore them (`auto` anchors are the
+    checkpoint's, fitted when it was started)."""
+    check_rotated(cfg, config, cfg.model, "resuming keeps",
+                  f"add --override to train a new model (overwrites {cfg.model})")
     asked = {"--backbone": (cfg.backbone, config.backbones), "--classes": (cfg.classes, config.num_classes),
              "--anchor-scales": (None if cfg.anchor_scales == AUTO else cfg.anchor_scales, config.scales),
              "--anchor-ratios": (None if cfg.anchor_ratios == AUTO else cfg.anchor_ratios, config.ratios)}
@@ -393,22 +408,34 @@ def starting_point(cfg: TrainConfig, ctx: Context = Context()) -> Tuple[CocoData
     """The training set, the model and its saved training state, and whether MODEL is resumed. With --time-budget,
     cfg gets the recipe first (a resumed run the one it started with)."""
     resumed = Model.load(cfg.model, ema=False) if os.path.exists(cfg.model) and not cfg.override else None
+    if resumed:   # before the data: its boxes are read as the model's kind
+        check_resume(cfg, resumed[0].config)
     dataset = CocoDataset(cfg.images, cfg.annotations, resize=cfg.resize, max_size=cfg.max_size,
                           jitter=cfg.jitter, augment=cfg.augment, require_boxes=True,
-                          category_ids=resumed[0].config.category_ids if resumed else None)
+                          category_ids=resumed[0].config.category_ids if resumed else None, rotated=cfg.rotated_bbox)
+    check_data_kind(cfg, dataset)
     val_images = 0
     if cfg.val_annotations:   # fail on a bad validation set now, not hours into training
-        val_images = len(CocoDataset(cfg.val_images or cfg.images, cfg.val_annotations,
-                                     category_ids=dataset.category_ids))
+        val = CocoDataset(cfg.val_images or cfg.images, cfg.val_annotations, category_ids=dataset.category_ids,
+                          rotated=cfg.rotated_bbox)
+        check_data_kind(cfg, val)
+        val_images = len(val)
     if cfg.time_budget:
         budget_recipe(cfg, ctx, dataset, resumed[1] if resumed else None, val_images=val_images)
     if not resumed:
         return (dataset, *build_model(cfg, dataset), False)
     model, saved = resumed
-    check_resume(cfg, model.config)
     log.info(f"resuming {cfg.model} at iteration {saved.get('iteration', 0)}")
     log_data(cfg, anchor_report(cfg, dataset, model.config))
     return dataset, model, saved, True
+
+
+def check_data_kind(cfg: TrainConfig, dataset: CocoDataset) -> None:
+    """Annotations of the other kind of boxes than --rotated-bbox trains on: one line with the fix."""
+    if cfg.rotated_bbox:
+        check_box_kind(dataset, "--rotated-bbox", "drop --rotated-bbox, or give rotated annotations")
+    else:
+        check_box_kind(dataset, "training without --rotated-bbox", "add --rotated-bbox to train a rotated model")
 
 
 def budget_recipe(cfg: TrainConfig, ctx: Context, dataset: CocoDataset, saved: Optional[dict], *,
@@ -422,7 +449,8 @@ def budget_recipe(cfg: TrainConfig, ctx: Context, dataset: CocoDataset, saved: O
     else:
         given = recipe.given_fields(cfg)
         backbones = list(cfg.backbone or [DEFAULT_BACKBONE])
-        timed = Model(config=ModelConfig(backbones=backbones, num_classes=len(dataset.category_ids)))
+        timed = Model(config=ModelConfig(backbones=backbones, num_classes=len(dataset.category_ids),
+                                         rotated=cfg.rotated_bbox))
         per_worker = int(given.get("batch", recipe.BATCH_PER_WORKER * ctx.world_size)) // ctx.world_size
         ranks = Ranks(ctx)
 

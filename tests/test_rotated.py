@@ -197,6 +197,21 @@ def test_encode_decode_roundtrip_and_theta_zero_is_odtk_box():
     assert R.delta2box_rotated(deltas.view(4, 25, 6), anchors.view(4, 25, 5)[0]).shape == (4, 25, 5)
 
 
+def test_fold_keeps_the_rectangle_and_matches_convert():
+    from odtk.convert import fold_angle
+    g = torch.Generator().manual_seed(11)
+    boxes = random_boxes(500, generator=g, dtype=torch.float64)
+    boxes[:, 4] *= 3                                                    # up to 3 quarter turns either way
+    folded = R.fold(boxes)
+    assert (folded[:, 4].abs() <= math.pi / 4 + 1e-12).all()
+    assert torch.allclose(R.corners(folded).sort(dim=1).values, R.corners(boxes).sort(dim=1).values, atol=1e-9)
+    for box, got in zip(boxes[:20].tolist(), folded[:20].tolist()):
+        w, h, theta = fold_angle(box[2] - box[0], box[3] - box[1], box[4])
+        assert got[2] - got[0] == pytest.approx(w) and got[3] - got[1] == pytest.approx(h) and got[4] == theta
+    inside = boxes[boxes[:, 4].abs() < math.pi / 4]
+    assert torch.equal(R.fold(inside), inside)
+
+
 def test_decode_clips_centres_and_log_sizes():
     anchors = torch.tensor([[90.0, 90.0, 110.0, 110.0, 0.5]])
     deltas = torch.tensor([[3.0, 0.0, 20.0, 0.0, 1.0, 0.0]])          # far right, huge width, +pi/2
@@ -237,6 +252,42 @@ def test_assign_targets_uses_the_rotated_overlap():
     cls, deltas = R.assign_targets_rotated(anchors, boxes, torch.tensor([[3]]), low_quality=False)
     assert cls.tolist() == [[-1, 3, -1]]
     assert torch.allclose(deltas[0, 1], torch.tensor([0, 0, 0, 0, 0, 1.0]), atol=1e-6)
+
+
+@pytest.mark.parametrize("low_quality", [False, True])
+def test_matching_iou_matches_like_the_exact_matrix(low_quality):
+    """The bounded IoU (exact only where matching reads it) gives the exact matrix's class targets and, to every
+    anchor that is not background, its box; its other values are upper bounds below the background IoU."""
+    g = torch.Generator().manual_seed(9)
+    anchors = R.grid_anchors_rotated(R.generate_anchors_rotated(8, [0.3, 1.0, 3.3], [2.0, 3.0]), 8, 12, 12)
+    boxes = random_boxes(4 * 6, generator=g, spread=90).view(4, 6, 5)
+    boxes[..., :2] += 3                                                 # some tiny, some large, turned any way
+    labels = torch.randint(0, 3, (4, 6), generator=g)
+    labels[2, 4:] = -1
+    boxes[2, 4:] = 0
+    exact = R.batched_rotated_box_iou(anchors, boxes)
+    bounded = R.matching_iou(anchors, boxes.reshape(-1, 5), 0.4).view(len(anchors), 4, 6).transpose(0, 1)
+    assert (bounded >= exact - 1e-6).all()
+    computed = (bounded - exact).abs() < 1e-6
+    assert computed[exact > 0].float().mean() < 0.5                     # most overlapping pairs were only bounded
+    assert (bounded[~computed] < 0.4).all()
+    want = B.match_anchors(exact, labels, fg_iou=0.5, bg_iou=0.4, low_quality=low_quality)
+    got = B.match_anchors(bounded, labels, fg_iou=0.5, bg_iou=0.4, low_quality=low_quality)
+    assert torch.equal(got[0], want[0]) and (want[0] >= 0).sum() > 20 and (want[0] == -2).any()
+    assigned = want[0] != -1
+    assert torch.equal(got[1][assigned], want[1][assigned])
+    cls, deltas = R.assign_targets_rotated(anchors, boxes, labels, low_quality=low_quality)
+    assert torch.equal(cls, want[0])
+
+
+def test_iou_bound_is_an_upper_bound_exact_for_boxes_turned_alike():
+    g = torch.Generator().manual_seed(10)
+    a = random_boxes(4000, generator=g)
+    b = random_boxes(4000, generator=g, near=a)
+    bound, iou = R.iou_bound(a, b), R.pair_iou(a, b)
+    assert (bound >= iou - 1e-6).all() and (bound > iou + 0.05).any()
+    alike = torch.cat([b[:, :4], a[:, 4:]], 1)
+    assert torch.allclose(R.iou_bound(a, alike), R.pair_iou(a, alike), atol=1e-5)
 
 
 # -- decode and NMS ----------------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def test_axis_aligned_loading_is_unchanged_and_names_rotated_boxes(tmp_path, cap
     ds = CocoDataset(str(tmp_path), path, resize=80)
     assert ds.boxes[1].tolist() == [[90, 70, 100, 76]]            # clipped, as ever
     assert ("dropped 1 box: rotated (a 5-value bbox [x, y, width, height, theta]; this dataset reads "
-            "axis-aligned boxes); first: annotation 2, image_id 1, bbox [51, 43, 20, 10, 0.6435") in caplog.text
+            "axis-aligned boxes: --rotated-bbox reads rotated ones); first: annotation 2, image_id 1, bbox [51, 43, 20, 10, 0.6435") in caplog.text
     x, boxes, labels, _, _ = ds[0]
     assert boxes.shape == (1, 4)
 
