@@ -82,6 +82,8 @@ class Model(nn.Module):
         self.box_head = _head(config.num_anchors * config.box_channels)
         # prior probability 0.01 for every class: the focal loss starts near its equilibrium
         nn.init.constant_(self.cls_head[-1].bias, -math.log((1 - 0.01) / 0.01))
+        if config.rotated:   # (sin, cos) = (0, 1): boxes start at their anchor's angle, not at a cos error of 1
+            nn.init.constant_(self.box_head[-1].bias.view(-1, 6)[:, 5], 1.0)
         if config.rotated and not config.angles:
             raise OdtkError("a rotated model needs at least one anchor angle (ModelConfig.angles)")
         self._cell_anchors = [rotated_ops.generate_anchors_rotated(s, config.ratios, config.scales, config.angles)

@@ -59,6 +59,9 @@ def test_rotated_model_heads_anchors_and_detections():
     scores, boxes, classes = model.eval().predict(torch.zeros(1, 3, 64, 96))
     assert scores.shape == (1, 100) and boxes.shape == (1, 100, 5) and classes.shape == (1, 100)
     assert small(False).config.num_anchors == 9 and small(False).box_head[-1].out_channels == 9 * 4
+    # the box head starts at (sin, cos) = (0, 1): each box at its anchor's angle
+    assert model.box_head[-1].bias.view(27, 6).tolist() == [[0.0] * 5 + [1.0]] * 27
+    assert (small(False).box_head[-1].bias == 0).all()
 
 
 def test_loss_shapes_and_it_falls_on_a_tiny_set(rotated_set):
@@ -74,7 +77,7 @@ def test_loss_shapes_and_it_falls_on_a_tiny_set(rotated_set):
     assert cls_out.shape[-1] == 2 and box_out.shape[-1] == 6 and cls_out.shape[1] == box_out.shape[1]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     losses = []
-    for _ in range(8):
+    for _ in range(14):
         parts = model.loss(model(x), boxes, labels)
         optimizer.zero_grad()
         (parts["cls"] + parts["box"]).backward()
