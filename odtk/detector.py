@@ -63,12 +63,11 @@ class Detections:
         """Per detection {"bbox": [x, y, w, h]} rounded as `odtk infer` writes it; a rotated box (ODTK's rotated
         output) {"bbox": [x, y, w, h, theta], "segmentation": [[x1, y1, ..., x4, y4]]}: theta to 5 decimals and
         the 4 corners of odtk.rotated.corners, to 2 like the coordinates."""
-        from .rotated import corners
         shapes = [{"bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2),
                             *(round(t, 5) for t in theta)]}
                   for x1, y1, x2, y2, *theta in self.boxes.tolist()]
         if self.boxes.shape[-1] == 5:
-            for shape, points in zip(shapes, corners(self.boxes.double()).flatten(1).tolist()):
+            for shape, points in zip(shapes, rotated_ops.corners(self.boxes.double()).flatten(1).tolist()):
                 shape["segmentation"] = [[round(v, 2) for v in points]]
         return shapes
 
