@@ -353,6 +353,16 @@ def fold(boxes: Tensor) -> Tensor:
     return torch.where((turns != 0)[..., None], folded, boxes)
 
 
+def turned_like(boxes: Tensor, anchors: Tensor) -> Tensor:
+    """Rotated boxes [..., 5] written as the same rectangles turned at most pi/4 from their anchors [..., 5]
+    (broadcasting; fold's rule on the difference of the angles): a tall anchor matched to
+    a wide box turned 70 degrees from it regresses to the box's tall form 20 degrees away, not to swapped sides
+    and a 70 degree turn. Unchanged when the difference is within pi/4 (theta = 0 included)."""
+    turn = boxes[..., 4] - anchors[..., 4]
+    relative = fold(torch.cat([boxes[..., :4], turn[..., None]], dim=-1))
+    return torch.cat([relative[..., :4], (relative[..., 4] + anchors[..., 4])[..., None]], dim=-1)
+
+
 def clip_centres(boxes: Tensor, size: Tuple[float, float]) -> Tensor:
     """Boxes [..., 4] or rotated [..., 5] moved so that their centres are in an image of `size` (height, width),
     size and theta kept: clipping the corners would change a rotated shape."""
@@ -367,7 +377,7 @@ def assign_targets_rotated(anchors: Tensor, boxes: Tensor, labels: Tensor, *, fg
                            bg_iou: float = 0.4, low_quality: bool = True) -> Tuple[Tensor, Tensor]:
     """odtk.box.assign_targets for rotated anchors [A, 5] and padded boxes [B, M, 5] (labels [B, M], -1 = padding),
     on the rotated IoU (matching_iou: exact where the matching reads it): class targets [B, A] (label, -1
-    background, -2 ignored) and deltas [B, A, 6]."""
+    background, -2 ignored) and deltas [B, A, 6] to each box written turned_like its anchor (|turn| <= pi/4)."""
     batch, count = boxes.shape[0], anchors.shape[0]
     if boxes.shape[1] == 0:
         return (torch.full((batch, count), -1, dtype=torch.long, device=anchors.device),
@@ -375,7 +385,7 @@ def assign_targets_rotated(anchors: Tensor, boxes: Tensor, labels: Tensor, *, fg
     iou = matching_iou(anchors, boxes.reshape(-1, 5), min(fg_iou, bg_iou)).view(count, batch, -1).transpose(0, 1)
     cls_target, best_box = B.match_anchors(iou, labels, fg_iou=fg_iou, bg_iou=bg_iou, low_quality=low_quality)
     matched = boxes.gather(1, best_box[..., None].expand(-1, -1, 5))
-    return cls_target, box2delta_rotated(matched, anchors[None])
+    return cls_target, box2delta_rotated(turned_like(matched, anchors[None]), anchors[None])
 
 
 # -- inference ---------------------------------------------------------------------------------------------------

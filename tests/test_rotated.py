@@ -290,6 +290,26 @@ def test_iou_bound_is_an_upper_bound_exact_for_boxes_turned_alike():
     assert torch.allclose(R.iou_bound(a, alike), R.pair_iou(a, alike), atol=1e-5)
 
 
+def test_targets_turn_each_box_at_most_an_eighth_turn_from_its_anchor():
+    """A tall anchor at 30 degrees is a wide one at -60: matched to a wide box at -40 degrees, its target is the
+    box's tall form 20 degrees from it (sides as the anchor's), not a 70 degree turn with the sides swapped."""
+    anchors = torch.tensor([[15.0, 0, 25, 40, math.radians(30)], [0, 15, 40, 25, 0]])
+    boxes = torch.tensor([[[0.0, 15, 40, 25, math.radians(-40)]]])
+    cls, deltas = R.assign_targets_rotated(anchors, boxes, torch.tensor([[1]]), low_quality=True)
+    assert cls[0, 0] == 1
+    turn = math.degrees(math.atan2(deltas[0, 0, 4], deltas[0, 0, 5]))
+    assert turn == pytest.approx(20, abs=1e-4) and deltas[0, 0, :4].abs().max() < 1e-5
+    decoded = R.delta2box_rotated(deltas[0, 0], anchors[0])
+    assert torch.allclose(R.fold(decoded), boxes[0, 0], atol=1e-4)     # the same rectangle
+    g = torch.Generator().manual_seed(12)
+    many = random_boxes(200, generator=g)
+    near = random_boxes(200, generator=g, near=many)
+    assert torch.equal(R.turned_like(many, many), many)
+    turned = R.turned_like(near, many)
+    assert ((turned[:, 4] - many[:, 4]).abs() <= math.pi / 4 + 1e-6).all()
+    assert torch.allclose(R.pair_iou(turned, near), torch.ones(200), atol=1e-4)
+
+
 # -- decode and NMS ----------------------------------------------------------------------------------------------
 def test_decode_rotated_is_odtk_box_decode_plus_angles():
     g = torch.Generator().manual_seed(6)
