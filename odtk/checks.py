@@ -99,3 +99,11 @@ def check_box_kind(dataset, reader: str, fix: str) -> None:
             "axis-aligned boxes only (bbox [x, y, width, height])")
     raise OdtkError(f"{dataset.coco_path}: {have}, but {reader} takes {'rotated' if dataset.rotated else 'axis-aligned'}"
                     f" ones: {fix}")
+
+
+def check_rotated_flag(flag: bool, path: str, rotated: bool, fix: str) -> None:
+    """`--rotated-bbox` given for the axis-aligned model at `path` (a rotated model says so itself, so the flag only
+    checks): one line ending in `fix`."""
+    if flag and not rotated:
+        raise OdtkError(f"--rotated-bbox: {path} is an axis-aligned model (trained without --rotated-bbox); drop the "
+                        f"flag, or {fix}")

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import box as box_ops
 from .constants import DEFAULT_OPSET
-from .checks import at_least, check_export, check_writable
+from .checks import at_least, check_export, check_rotated_flag, check_writable
 from .fuse import fused_copy
 from .model import Model, training_resize
 from .onnx_meta import metadata, read_metadata, set_metadata  # noqa: F401  (read_metadata: odtk.export's API)
@@ -105,13 +105,6 @@ def export_size(size: Sequence[int], divisible: int) -> Tuple[int, int]:
     if h % divisible or w % divisible or h <= 0 or w <= 0:
         raise OdtkError(f"--size {h} {w}: each side must be a positive multiple of {divisible}")
     return h, w
-
-
-def check_rotated(cfg: ExportConfig, model: Model) -> None:
-    """--rotated-bbox with an axis-aligned checkpoint: one line (a rotated one exports as such with or without)."""
-    if cfg.rotated_bbox and not model.config.rotated:
-        raise OdtkError(f"--rotated-bbox: {cfg.model} is an axis-aligned model (trained without --rotated-bbox); drop "
-                        f"the flag, or export a rotated model")
 
 
 def preprocess_sizes(cfg: ExportConfig, state: dict) -> Tuple[int, int]:
@@ -400,7 +393,7 @@ def export(cfg: ExportConfig) -> None:
     if ext != ".onnx":
         raise OdtkError(f"{cfg.output}: unknown export target (use .onnx or .plan)")
     model, state = Model.load(cfg.model)
-    check_rotated(cfg, model)
+    check_rotated_flag(cfg.rotated_bbox, cfg.model, model.config.rotated, "export a rotated model")
     size = export_size(cfg.size, model.config.size_divisible)
     # ONNX has no rotated NMS: a rotated model's graph is its raw heads, which ONNX Runtime inference decodes after
     raw = cfg.raw_heads or model.config.rotated
@@ -408,8 +401,12 @@ def export(cfg: ExportConfig) -> None:
     preprocess = preprocess_sizes(cfg, state)
     shape = (f"dynamic height and width (traced at {size[0]}x{size[1]}; inference resizes to {preprocess[0]}, "
              f"max {preprocess[1]})" if cfg.dynamic_size else f"{size[0]}x{size[1]}")
-    kind = "rotated raw heads (decode and rotated NMS run after the graph)" if model.config.rotated and not \
-        cfg.raw_heads else "raw heads" if raw else "end-to-end"
+    if not raw:
+        kind = "end-to-end"
+    elif model.config.rotated and not cfg.raw_heads:
+        kind = "rotated raw heads (decode and rotated NMS run after the graph)"
+    else:
+        kind = "raw heads"
     log.info(f"exporting {cfg.model} -> {cfg.output} ({kind}, {shape}, opset {cfg.opset}"
              f"{', INT8' if cfg.int8 else ''})")
     with tempfile.TemporaryDirectory() as tmp, \
@@ -461,7 +458,7 @@ def export_plan(cfg: ExportConfig) -> None:
     engine = engine_class()   # fail in one line before minutes of work when TensorRT is absent
     opts = batch_profile(cfg)
     model, state = Model.load(cfg.model)
-    check_rotated(cfg, model)
+    check_rotated_flag(cfg.rotated_bbox, cfg.model, model.config.rotated, "export a rotated model")
     mc = model.config
     preprocess = preprocess_sizes(cfg, state)
     if cfg.dynamic_size:

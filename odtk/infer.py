@@ -17,7 +17,7 @@ from .data import CocoDataset, image_size, load_image, loader_factory
 from .constants import IMAGE_EXTENSIONS
 from .detector import GLOB_CHARS, LIST_EXTENSIONS, Detections, Detector, expand_inputs
 from .distributed import Context, gather
-from .checks import check_infer, check_writable
+from .checks import check_infer, check_rotated_flag, check_writable
 from .draw import GroundTruth, draw_detections, drawn_name, same_file, save_jpeg
 from .evaluate import evaluate
 from .model import Model
@@ -270,9 +270,7 @@ def infer(cfg: InferConfig) -> Dict[str, float]:
     detector = Detector.load(cfg.model, device=cfg.torch_device,
                              precision="fp32" if cfg.full_precision else None, compile=cfg.compile, verbose=cfg.verbose)
     b = detector.backend
-    if cfg.rotated_bbox and not b.rotated:
-        raise OdtkError(f"--rotated-bbox: {cfg.model} is an axis-aligned model (trained without --rotated-bbox); "
-                        f"drop the flag, or give a rotated model")
+    check_rotated_flag(cfg.rotated_bbox, cfg.model, b.rotated, "give a rotated model")
     if b.max_batch and cfg.batch > b.max_batch:
         raise OdtkError(f"--batch {cfg.batch}: the engine takes at most {b.max_batch} images "
                         f"(export with --batch or --dynamic-batch-opts)")
