@@ -240,7 +240,14 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
                   "anchor height/width ratios, or auto: fit them (default: ODTK's 1 2 0.5)")
     for sub_parser in sub.choices.values():   # --verbose also after the command (ODTK's `export ... --verbose`)
         sub_parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="more detail")
-    return parser.parse_args(args)
+    parsed = parser.parse_args(args)
+    if parsed.command == "train":   # which recipe flags were given: --time-budget keeps them even at their defaults
+        from .recipe import FIELDS
+        unset = object()
+        sub.choices["train"].set_defaults(**{name: unset for name in FIELDS})
+        again = vars(parser.parse_args(args))
+        parsed.given = tuple(name for name in FIELDS if again[name] is not unset)
+    return parsed
 
 
 def _device_flag(parser: argparse.ArgumentParser, text: str) -> None:
@@ -267,7 +274,7 @@ def run(args: argparse.Namespace) -> None:
             backbone_weights=args.backbone_weights, clip_grad=args.clip_grad, loader_workers=args.loader_workers,
             seed=args.seed, ema=args.ema, workers=args.workers, nodes=args.nodes, node_rank=args.node_rank,
             master=args.master, with_dali=args.with_dali, device=args.device, time_budget=args.time_budget,
-            verbose=args.verbose, rotated_bbox=args.rotated_bbox)
+            verbose=args.verbose, rotated_bbox=args.rotated_bbox, given=args.given)
         train(cfg)
     elif args.command == "infer":
         from .infer import InferConfig, infer

@@ -80,6 +80,7 @@ class TrainConfig:
     time_budget: Optional[float] = None   # minutes: fit the recipe's defaults to the data and this time (recipe.py)
     verbose: bool = False
     rotated_bbox: bool = False       # rotated boxes (ODTK's --rotated-bbox): rotated data, anchors, IoU and NMS
+    given: Tuple[str, ...] = ()      # recipe settings given as flags: --time-budget keeps them even at a default
 
     def __post_init__(self) -> None:
         self.validate()

@@ -3,9 +3,10 @@ shape, the user's flags kept, and a resumed run keeping the recipe it started wi
 import torch
 
 from odtk import recipe as R
-from odtk.main import main
+from odtk.main import main, parse
 from odtk.model import Model, ModelConfig
 from odtk.train import TrainConfig
+from odtk.utils import padded
 
 
 def test_resolution_brings_the_small_objects_to_small_side():
@@ -57,13 +58,22 @@ def test_fit_resolution_lowers_the_size_until_the_budget_buys_enough_steps():
     resize, max_size, step_s, iters = R.fit_resolution(640, 864, measure=measure, aspect=1.0, budget_s=budget,
                                                        batch=4, val_images=0)
     assert iters >= R.MIN_ITERS and resize < 640 and resize % R.RESIZE_STEP == 0
-    assert seen[0] == (640, 640) and seen[-1] == (resize, resize)
+    top = R.jitter_for(resize)[1]
+    assert seen[0] == (736, 736) and seen[-1] == (padded(top, 32), padded(top, 32))   # 720 padded: 736
     assert max_size == R.max_size_for(resize, 864 / 640)
     # a budget too small for MIN_ITERS even at MIN_RESIZE: it stops there, with what the budget buys
-    resize, _, _, iters = R.fit_resolution(640, 864, measure=measure, aspect=1.0, budget_s=R.OVERHEAD_S + 110,
-                                           batch=4, val_images=0)
-    assert resize == R.MIN_RESIZE and iters == R.iterations(R.OVERHEAD_S + 110, 1.0, images_per_step=4, val_images=0)
-    assert 90 < iters < R.MIN_ITERS
+    resize, _, step_s, iters = R.fit_resolution(640, 864, measure=measure, aspect=1.0, budget_s=R.OVERHEAD_S + 110,
+                                                batch=4, val_images=0)
+    assert resize == R.MIN_RESIZE and step_s == (288 / 256) ** 2            # timed at 256's jitter top
+    assert iters == R.iterations(R.OVERHEAD_S + 110, step_s, images_per_step=4, val_images=0)
+    assert 70 < iters < R.MIN_ITERS
+
+
+def test_steps_are_timed_at_the_padded_size_of_a_batch_near_the_top_of_the_jitter():
+    assert R.jitter_for(192) == (168, 216) and R.jitter_for(256) == (224, 288)
+    assert R.step_size(216, 256, 1.0) == (224, 224)              # 192 +- 12.5%: batches of 4 are mostly 224 px
+    assert R.step_size(288, 416, 1.33) == (288, 384)             # 288 x 383 padded
+    assert R.step_size(288, 352, 1.5) == (288, 352)              # capped by --max-size
 
 
 def test_learning_rate_scales_with_the_batch_up_to_odtks():
@@ -74,6 +84,14 @@ def test_learning_rate_scales_with_the_batch_up_to_odtks():
 def test_given_fields_are_what_differs_from_the_defaults():
     cfg = TrainConfig(model="m.pth", annotations="a.json", iters=300, jitter=(640, 1024))
     assert R.given_fields(cfg) == {"iters": 300}
+
+
+def test_flags_given_at_their_default_values_are_kept():
+    args = parse(["train", "m.pth", "--annotations", "a.json", "--lr", "0.01", "--iters=90000", "--resize", "512"])
+    assert set(args.given) == {"lr", "iters", "resize"}          # 0.01 and 90000 are the defaults
+    assert parse(["train", "m.pth", "--annotations", "a.json"]).given == ()
+    cfg = TrainConfig(model="m.pth", annotations="a.json", lr=0.01, resize=512, given=args.given)
+    assert R.given_fields(cfg) == {"lr": 0.01, "iters": 90000, "resize": 512}
 
 
 def test_step_seconds_times_a_training_step_without_touching_the_model():
