@@ -55,7 +55,7 @@ class Recipe:
     clip_grad: float
     val_iters: int
     lr: float
-    step_s: float            # measured seconds per iteration at `resize`
+    step_s: float            # measured seconds per iteration (step_size: a batch near the jitter's top)
 
     def describe(self, budget_min: float) -> str:
         return (f"--time-budget {budget_min:g}: --resize {self.resize} --max-size {self.max_size} --jitter "
