@@ -166,8 +166,10 @@ def log_data(cfg: TrainConfig, report: dict) -> AnchorChoice:
     choice = report["choice"]
     log.info(format_report(report) if cfg.verbose else short_report(report))
     if choice.switched:
+        worst = choice.start.fit.worst_class
         log.info(f"anchor fit of the default anchors on {cfg.annotations}: recall {choice.start.fit.recall:.2f}, "
-                 f"mean IoU {choice.start.fit.mean_iou:.2f}: fitting anchors to the data (--anchor-scales auto "
+                 f"mean IoU {choice.start.fit.mean_iou:.2f}{f', {worst[0]} {worst[1]:.2f}' if worst else ''}: "
+                 f"fitting anchors to the data (--anchor-scales auto "
                  f"--anchor-ratios auto); pass --anchor-scales or --anchor-ratios to keep yours")
     if cfg.verbose:   # the table has said the rest
         return choice
