@@ -61,7 +61,7 @@ class AnchorFit:
     levels: List[float]
     fg_iou: float
     boxes: int
-    worst_class: Optional[Tuple[str, float]] = None   # (name, recall) of the class of lowest recall (class_recalls)
+    worst_class: Optional[Tuple[str, float]] = None   # (name, recall) of the class of lowest recall (class_masks)
 
     @property
     def poor(self) -> bool:
@@ -107,10 +107,9 @@ def best_anchor_ious(boxes: Tensor, scales: Sequence[float], ratios: Sequence[fl
     return level_ious(boxes, scales, ratios, strides).amax(dim=2).max(dim=1)
 
 
-def class_recalls(hit: Tensor, labels: Tensor, names: Sequence[str]) -> Dict[str, float]:
-    """Per class with at least MIN_CLASS_BOXES boxes, the share of its boxes `hit` [N] (bool) marks."""
-    return {names[c]: float(hit[labels == c].double().mean()) for c in range(len(names))
-            if int((labels == c).sum()) >= MIN_CLASS_BOXES}
+def class_masks(labels: Tensor) -> Dict[int, Tensor]:
+    """Per class index of `labels` [N] with at least MIN_CLASS_BOXES boxes, the mask [N] of its boxes."""
+    return {c: labels == c for c in labels.unique().tolist() if int((labels == c).sum()) >= MIN_CLASS_BOXES}
 
 
 def anchor_fit(boxes: Tensor, scales: Sequence[float], ratios: Sequence[float], *, fg_iou: float,
@@ -121,7 +120,8 @@ def anchor_fit(boxes: Tensor, scales: Sequence[float], ratios: Sequence[float], 
     best, level = best_anchor_ious(boxes, scales, ratios, strides)
     counts = torch.bincount(level, minlength=len(strides)).double()
     hit = best >= fg_iou
-    recalls = class_recalls(hit, labels, names) if labels is not None and len(names) > 1 else {}
+    recalls = ({names[c]: float(hit[mask].double().mean()) for c, mask in class_masks(labels).items()}
+               if labels is not None and len(names) > 1 else {})
     worst = min(recalls.items(), key=lambda item: item[1]) if recalls else None
     return AnchorFit(recall=float(hit.double().mean()), mean_iou=float(best.double().mean()),
                      levels=(counts / len(boxes)).tolist(), fg_iou=fg_iou, boxes=len(boxes), worst_class=worst)
@@ -160,7 +160,7 @@ def fit_anchors(boxes: Tensor, *, scales: Optional[Sequence[float]] = None, rati
     if len(boxes) > FIT_SAMPLE:
         pick = torch.randperm(len(boxes), generator=torch.Generator().manual_seed(FIT_SEED))[:FIT_SAMPLE]
         boxes, labels = boxes[pick], None if labels is None else labels[pick]
-    classes = [] if labels is None else [labels == c for c in labels.unique() if (labels == c).sum() >= MIN_CLASS_BOXES]
+    classes = [] if labels is None else list(class_masks(labels).values())
     scale_options = [list(scales)] if scales is not None else scale_sets(num_scales)
     ratio_options = [list(ratios)] if ratios is not None else ratio_sets(boxes, num_ratios)
     # every candidate set draws on the same few values: the IoUs of each (scale, ratio) pair once, [N, S, R]
