@@ -73,7 +73,8 @@ def parse(args: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1000, help="linear warmup iterations")
     p.add_argument("--gamma", type=float, default=0.1, help="lr decay factor at each milestone")
     p.add_argument("--regularization-l2", type=float, default=1e-4, help="weight decay")
-    p.add_argument("--full-precision", action="store_true", help="no fp16 mixed precision on GPU")
+    p.add_argument("--full-precision", action="store_true",
+                   help="no mixed precision (fp16 on GPU, bf16 on a CPU with AVX512-BF16/AMX)")
     p.add_argument("--override", action="store_true", help="restart training even if MODEL exists")
     p.add_argument("--fine-tune", metavar="PATH", help="start from this checkpoint's weights")
     p.add_argument("--val-annotations", help="COCO annotations for validation")

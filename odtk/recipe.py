@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from .data import CocoDataset
-from .utils import padded
 
 SMALL_SIDE = 24          # px: P3's anchors (stride 8) start near 2-4 strides; smaller objects are poorly matched
 MIN_RESIZE = 256         # below, ImageNet features of a MobileNet/ResNet lose most of their detail
@@ -69,20 +68,17 @@ def round_to(value: float, step: int = RESIZE_STEP) -> int:
     return max(step, int(round(value / step)) * step)
 
 
-def relative_sides(dataset: CocoDataset) -> Tuple[Tensor, Tensor, Tensor]:
-    """Box sides (square root of the area) as shares of their image's shorter side, and the images' shorter sides
-    and aspect ratios (longer / shorter), from the annotations alone."""
-    sides, shorter, aspect = [], [], []
+def relative_sides(dataset: CocoDataset) -> Tuple[Tensor, Tensor]:
+    """Box sides (square root of the area) as shares of their image's shorter side, and the images' original
+    (height, width) [N, 2], from the annotations alone."""
+    sides, sizes = [], []
     for image_id in dataset.ids:
         height, width = dataset.original_size(image_id)
-        short = min(height, width)
-        shorter.append(short)
-        aspect.append(max(height, width) / short)
+        sizes.append((height, width))
         boxes = dataset.boxes[image_id]
-        if len(boxes):
-            sides.append((boxes[:, 2:4] - boxes[:, :2]).clamp(min=0).prod(1).sqrt() / short)   # rotated: own sides
-    return torch.cat(sides).double(), torch.tensor(shorter, dtype=torch.float64), torch.tensor(aspect,
-                                                                                               dtype=torch.float64)
+        if len(boxes):   # rotated: own sides
+            sides.append((boxes[:, 2:4] - boxes[:, :2]).clamp(min=0).prod(1).sqrt() / min(height, width))
+    return torch.cat(sides).double(), torch.tensor(sizes, dtype=torch.float64)
 
 
 def resolution(sides: Tensor, shorter: Tensor, aspect: Tensor) -> Tuple[int, int]:
@@ -116,12 +112,13 @@ def iterations(budget_s: float, step_s: float, *, images_per_step: int, val_imag
 
 
 def step_seconds(model: torch.nn.Module, *, size: Tuple[int, int], batch: int, device: torch.device,
-                 reps: int = 3) -> float:
-    """Seconds of one training step (forward, loss, backward, clipping, SGD) of a copy of `model` on a random batch
-    of `size` (height, width), the best of `reps` after a warm-up step."""
-    net = copy.deepcopy(model).to(device).train()
+                 dtype: Optional[torch.dtype] = None, reps: int = 3) -> float:
+    """Seconds of one training step as training runs it (NHWC, autocast to `dtype` when given, forward, loss,
+    backward, clipping, SGD) of a copy of `model` on a random batch of `size` (height, width), the best of `reps`
+    after a warm-up step."""
+    net = copy.deepcopy(model).to(device).train().to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-9, momentum=0.9, weight_decay=1e-4)
-    x = torch.randn(batch, 3, *size, device=device)
+    x = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
     h, w = size
     box = [w * 0.25, h * 0.25, w * 0.75, h * 0.75, 0.5][:5 if model.config.rotated else 4]   # rotated: theta too
     boxes = torch.tensor([box], device=device).expand(batch, 1, len(box))
@@ -131,7 +128,7 @@ def step_seconds(model: torch.nn.Module, *, size: Tuple[int, int], batch: int, d
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             heads = net(x)
         losses = net.loss(([t.float() for t in heads[0]], [t.float() for t in heads[1]]), boxes, labels)
         (losses["cls"] + losses["box"]).backward()
@@ -150,21 +147,35 @@ def jitter_for(resize: int) -> Tuple[int, int]:
     return resize - spread, resize + spread
 
 
-def step_size(top: int, max_size: int, aspect: float) -> Tuple[int, int]:
-    """(height, width) a step is timed at. A batch is padded to its largest image, and of several images drawn
-    across --jitter the largest is near its top (`top`): an image of the median aspect (`aspect`, longer / shorter)
-    resized to that, padded like the loader pads. (Timed at the resize instead, steps at 192 +- 12.5% ran 1.4x
-    longer than measured: their batches were 224 px.)"""
-    return padded(top, RESIZE_STEP), padded(min(max_size, round(top * aspect)), RESIZE_STEP)
+def step_size(sizes: Tensor, *, jitter: Tuple[int, int], max_size: int, batch: int, draws: int = 256,
+              seed: int = 0) -> Tuple[int, int]:
+    """(height, width) a step is timed at: the padded shape of a typical batch. `draws` batches of `batch` images
+    of `sizes` (original (height, width) [N, 2]) are sized as the loader sizes them (a shorter side drawn across
+    `jitter`, the longer capped by `max_size`, the batch padded to its tallest and widest image, then to a multiple of
+    RESIZE_STEP); the one whose area is nearest the mean area is returned (a step costs about its pixels). Timed at the
+    resize instead, steps at 192 +- 12.5% took 1.4x the time measured (their batches were 224 px); at the jitter's
+    top and the median aspect without the --max-size cap, BCCD's 0.95x (1.09 s against 1.15: 4:3 images at 252-324
+    capped at 384 are all 288x384) and the raccoons' 1.21x (1.31 s against 1.08: a batch of portrait and landscape
+    photos pads to a square)."""
+    g = torch.Generator().manual_seed(seed)
+    pick = sizes[torch.randint(len(sizes), (draws, batch), generator=g)]                     # [draws, batch, 2]
+    short = torch.randint(jitter[0], jitter[1] + 1, (draws, batch), generator=g).double()
+    ratio = torch.minimum(short / pick.amin(2), max_size / pick.amax(2))
+    shape = torch.ceil(torch.round(pick * ratio[..., None]).amax(1) / RESIZE_STEP) * RESIZE_STEP   # [draws, 2]
+    area = shape.prod(1)
+    height, width = shape[(area - area.mean()).abs().argmin()].tolist()
+    return int(height), int(width)
 
 
-def fit_resolution(resize: int, max_size: int, *, measure: Callable[[Tuple[int, int]], float], aspect: float,
-                   budget_s: float, batch: int, val_images: int) -> Tuple[int, int, float, int]:
+def fit_resolution(resize: int, max_size: int, *, measure: Callable[[Tuple[int, int]], float], sizes: Tensor,
+                   budget_s: float, batch: int, val_images: int, world_size: int = 1) -> Tuple[int, int, float, int]:
     """Lower the resolution from (resize, max_size) while the budget buys fewer than MIN_ITERS; `measure((height,
-    width))` gives seconds per step. Returns (resize, max_size, step_s, iters)."""
+    width))` gives seconds per step, `sizes` are the images' (see step_size), `batch` is global. Returns (resize,
+    max_size, step_s, iters)."""
     wide = max_size / resize
     while True:
-        step_s = measure(step_size(jitter_for(resize)[1], max_size, aspect))
+        shape = step_size(sizes, jitter=jitter_for(resize), max_size=max_size, batch=batch // world_size)
+        step_s = measure(shape)
         iters = iterations(budget_s, step_s, images_per_step=batch, val_images=val_images)
         if iters >= MIN_ITERS or resize <= MIN_RESIZE:
             return resize, max_size, step_s, iters
@@ -177,19 +188,19 @@ def fit_resolution(resize: int, max_size: int, *, measure: Callable[[Tuple[int, 
 def make_recipe(*, budget_min: float, dataset: CocoDataset, measure: Callable[[Tuple[int, int]], float],
                 world_size: int, val_images: int, given: Dict[str, object]) -> Recipe:
     """The recipe for `budget_min` minutes; `given` holds the settings the user chose (kept as they are)."""
-    sides, shorter, aspect = relative_sides(dataset)
-    resize, max_size = resolution(sides, shorter, aspect)
+    sides, sizes = relative_sides(dataset)
+    resize, max_size = resolution(sides, sizes.amin(1), sizes.amax(1) / sizes.amin(1))
     resize = int(given.get("resize", resize))
     max_size = int(given.get("max_size", max_size_for(resize, max_size / resize)))
     batch = int(given.get("batch", BATCH_PER_WORKER * world_size))
-    median_aspect = float(aspect.median())
     if "resize" in given:
-        top = given["jitter"][1] if "jitter" in given else jitter_for(resize)[1]
-        step_s = measure(step_size(top, max_size, median_aspect))
+        jitter = tuple(given.get("jitter", jitter_for(resize)))   # a worker's batch is what is padded together
+        step_s = measure(step_size(sizes, jitter=jitter, max_size=max_size, batch=batch // world_size))
         iters = iterations(budget_min * 60, step_s, images_per_step=batch, val_images=val_images)
     else:
         resize, max_size, step_s, iters = fit_resolution(resize, max_size, measure=measure, budget_s=budget_min * 60,
-                                                         aspect=median_aspect, batch=batch, val_images=val_images)
+                                                         sizes=sizes, batch=batch, val_images=val_images,
+                                                         world_size=world_size)
     iters = int(given.get("iters", max(iters, 1)))
     warmup, milestones = schedule(iters)
     return Recipe(resize=resize, max_size=max_size,

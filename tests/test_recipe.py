@@ -6,7 +6,6 @@ from odtk import recipe as R
 from odtk.main import main, parse
 from odtk.model import Model, ModelConfig
 from odtk.train import TrainConfig
-from odtk.utils import padded
 
 
 def test_resolution_brings_the_small_objects_to_small_side():
@@ -54,26 +53,39 @@ def test_fit_resolution_lowers_the_size_until_the_budget_buys_enough_steps():
         seen.append(size)
         return size[0] * size[1] / 256 ** 2
 
+    square = torch.full((8, 2), 1000.0, dtype=torch.float64)
     budget = 800 * 1.1 * 1.0 + R.OVERHEAD_S    # 800 steps of 1 s
-    resize, max_size, step_s, iters = R.fit_resolution(640, 864, measure=measure, aspect=1.0, budget_s=budget,
+    resize, max_size, step_s, iters = R.fit_resolution(640, 864, measure=measure, sizes=square, budget_s=budget,
                                                        batch=4, val_images=0)
     assert iters >= R.MIN_ITERS and resize < 640 and resize % R.RESIZE_STEP == 0
-    top = R.jitter_for(resize)[1]
-    assert seen[0] == (736, 736) and seen[-1] == (padded(top, 32), padded(top, 32))   # 720 padded: 736
+    assert seen[0] == R.step_size(square, jitter=R.jitter_for(640), max_size=864, batch=4)
+    assert seen[-1] == R.step_size(square, jitter=R.jitter_for(resize), max_size=max_size, batch=4)
     assert max_size == R.max_size_for(resize, 864 / 640)
     # a budget too small for MIN_ITERS even at MIN_RESIZE: it stops there, with what the budget buys
-    resize, _, step_s, iters = R.fit_resolution(640, 864, measure=measure, aspect=1.0, budget_s=R.OVERHEAD_S + 110,
+    resize, _, step_s, iters = R.fit_resolution(640, 864, measure=measure, sizes=square, budget_s=R.OVERHEAD_S + 110,
                                                 batch=4, val_images=0)
-    assert resize == R.MIN_RESIZE and step_s == (288 / 256) ** 2            # timed at 256's jitter top
+    assert resize == R.MIN_RESIZE and step_s == (288 / 256) ** 2            # batches of 4 at 224-288 pad to 288
     assert iters == R.iterations(R.OVERHEAD_S + 110, step_s, images_per_step=4, val_images=0)
     assert 70 < iters < R.MIN_ITERS
+    # with two workers a step pads each worker's 4 images, and the validation is shared
+    R.fit_resolution(640, 864, measure=measure, sizes=square, budget_s=budget, batch=8, val_images=0, world_size=2)
+    assert seen[-1] == R.step_size(square, jitter=R.jitter_for(resize), max_size=max_size, batch=4)
 
 
-def test_steps_are_timed_at_the_padded_size_of_a_batch_near_the_top_of_the_jitter():
-    assert R.jitter_for(192) == (168, 216) and R.jitter_for(256) == (224, 288)
-    assert R.step_size(216, 256, 1.0) == (224, 224)              # 192 +- 12.5%: batches of 4 are mostly 224 px
-    assert R.step_size(288, 416, 1.33) == (288, 384)             # 288 x 383 padded
-    assert R.step_size(288, 352, 1.5) == (288, 352)              # capped by --max-size
+def test_steps_are_timed_at_the_padded_shape_of_a_typical_batch():
+    """Batches drawn from the images' own sizes, sized and padded as the loader does."""
+    square = torch.full((8, 2), 256.0, dtype=torch.float64)
+    # 192 +- 12.5%: the largest of 4 draws from 168-216 is mostly over 192, so batches are mostly 224 px
+    assert R.step_size(square, jitter=(168, 216), max_size=256, batch=4) == (224, 224)
+    assert R.step_size(square, jitter=(168, 216), max_size=256, batch=1) == (192, 192)   # one image: half are 192
+    bccd = torch.tensor([[480.0, 640.0]] * 8, dtype=torch.float64)      # 4:3 at 252-324, capped at 384 wide
+    assert R.step_size(bccd, jitter=(252, 324), max_size=384, batch=4) == (288, 384)
+    wide = torch.tensor([[1000.0, 1500.0]] * 8, dtype=torch.float64)    # capped by --max-size: 235 x 352 padded
+    assert R.step_size(wide, jitter=(252, 324), max_size=352, batch=4) == (256, 352)
+    # portrait and landscape photos in one batch pad to a square: 288 x 384 and 384 x 288 make 384 x 384
+    mixed = torch.tensor([[480.0, 640.0], [640.0, 480.0]] * 4, dtype=torch.float64)
+    assert R.step_size(mixed, jitter=(288, 288), max_size=416, batch=4) == (384, 384)
+    assert R.step_size(bccd, jitter=(288, 288), max_size=416, batch=4) == (288, 384)
 
 
 def test_learning_rate_scales_with_the_batch_up_to_odtks():

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from conftest import mobilenet_weights
+from odtk import utils
 from odtk.data import Augment
 from odtk.distributed import Ranks
 from odtk.model import Model
@@ -46,7 +47,8 @@ def config(synthetic, tmp_path):
                        backbone=["MobileNetV2FPN"], batch=4, resize=128, max_size=128, jitter=(128, 128),
                        iters=3, milestones=(100,), warmup=2, lr=0.01, clip_grad=10.0, anchor_scales=[2, 2.52, 3.17],
                        backbone_weights=weights, loader_workers=0, val_iters=1000, augment=Augment(flip=True),
-                       master=f"127.0.0.1:{free_port()}", device="cpu")   # gloo workers, also on a GPU machine
+                       master=f"127.0.0.1:{free_port()}", device="cpu",   # gloo workers, also on a GPU machine
+                       full_precision=True)   # fp32: the parities below are exact there (bf16: its own test)
 
 
 def test_two_gloo_workers_equal_one_process(config, tmp_path, synthetic):
@@ -149,8 +151,8 @@ PINNED_LOSSES = [
 
 
 def test_python_api_reproduces_the_pinned_cli_losses(synthetic, tmp_path):
-    """train(TrainConfig(...)) with only the flags the recipe gives `odtk train`: every other default is the CLI's
-    (colour jitter included), and the same seed gives the same losses."""
+    """train(TrainConfig(...)) with only the flags the recipe gives `odtk train` (and --full-precision): every other
+    default is the CLI's (colour jitter included), and the same seed gives the same losses."""
     weights = mobilenet_weights()
     if not weights:
         pytest.skip("the pinned losses were recorded with ImageNet MobileNetV2 weights (make weights)")
@@ -158,8 +160,8 @@ def test_python_api_reproduces_the_pinned_cli_losses(synthetic, tmp_path):
     cfg = TrainConfig(model=str(tmp_path / "m.pth"), annotations=train_json, images=images,
                       backbone=["MobileNetV2FPN"], batch=4, resize=128, max_size=128, jitter=(112, 144), iters=20,
                       milestones=(50,), warmup=10, lr=0.01, clip_grad=10.0, anchor_scales=[2.0, 2.52, 3.17],
-                      val_iters=1000, loader_workers=0, backbone_weights=weights,
-                      device="cpu")   # pinned on the CPU in fp32: a GPU trains in fp16 and NHWC, other roundings
+                      val_iters=1000, loader_workers=0, backbone_weights=weights, device="cpu",
+                      full_precision=True)   # pinned on the CPU in fp32: fp16 (GPU) and bf16 round otherwise
     assert train(cfg)["losses"] == pytest.approx(PINNED_LOSSES, abs=1e-4)
 
 
@@ -345,6 +347,32 @@ def test_torchrun_environment_is_used(config, monkeypatch):
     ctx = torchrun_context()
     assert ctx is not None and ctx.rank == 0 and not ctx.distributed
     assert len(train(replace(config, iters=1))["losses"]) == 1
+
+
+def test_mixed_precision_follows_the_device(monkeypatch):
+    from odtk import utils
+    assert utils.autocast_dtype(torch.device("cuda")) == torch.float16
+    assert utils.autocast_dtype(torch.device("cuda"), full_precision=True) is None
+    monkeypatch.setattr(utils, "cpu_bf16", lambda: True)
+    assert utils.autocast_dtype(torch.device("cpu")) == torch.bfloat16
+    assert utils.autocast_dtype(torch.device("cpu"), full_precision=True) is None
+    monkeypatch.setattr(utils, "cpu_bf16", lambda: False)   # an AVX2 CPU: bf16 would be 16x slower, not faster
+    assert utils.autocast_dtype(torch.device("cpu")) is None
+
+
+@pytest.mark.skipif(not utils.cpu_bf16(), reason="CPU bf16 training: needs AVX512-BF16 or AMX (else it runs fp32)")
+def test_cpu_bf16_training_learns_and_resumes_exactly(config, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="odtk")
+    bf16 = replace(config, full_precision=False, warmup=0)
+    whole = train(replace(bf16, model=str(tmp_path / "whole.pth"), iters=4))["losses"]
+    assert "bf16 mixed precision" in caplog.text
+    part = replace(bf16, model=str(tmp_path / "part.pth"), iters=2)
+    assert train(part)["losses"] + train(replace(part, iters=4))["losses"] == pytest.approx(whole, rel=1e-5)
+    fp32 = train(replace(config, warmup=0, iters=4))["losses"]
+    # the same steps within bf16's rounding (8 bits of mantissa in the convolutions; the loss is summed in fp32)
+    assert whole == pytest.approx(fp32, rel=0.05)
+    model, state = Model.load(part.model)
+    assert "scaler" not in state and next(model.parameters()).dtype == torch.float32
 
 
 @needs_cuda
