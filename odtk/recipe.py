@@ -4,19 +4,21 @@ The resolution comes from the object sizes: the small objects (5th percentile of
 pixels, between MIN_RESIZE and the images' own size. The iterations come from the measured time of a training step
 at that size, the resolution lowered while the budget buys fewer than MIN_ITERS. Warm-up and decay are fractions
 of the iterations (the shape of the README's BCCD recipe), the lr scales with the batch,
-gradient clipping is on, validation runs at the end.
+gradient clipping is on, validation runs at the end. The plan is a forecast from a synthetic step: at REPLAN_AT of
+it the run re-plans from its own pace (loading and padding included), Ultralytics' `time=` way.
 Settings left at their defaults are chosen; the ones the user changed are kept.
 """
 import copy
 import dataclasses
 import math
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .data import CocoDataset
+from .utils import autocast
 
 SMALL_SIDE = 24          # px: P3's anchors (stride 8) start near 2-4 strides; smaller objects are poorly matched
 MIN_RESIZE = 256         # below, ImageNet features of a MobileNet/ResNet lose most of their detail
@@ -37,6 +39,12 @@ MAX_LR = 0.01
 OVERHEAD_S = 20.0        # start-up (model, data, loader workers) and the final checkpoint
 VALIDATION_SHARE = 0.5   # an inference image costs about this share of a training image (no backward)
 MARGIN = 1.1             # data loading shares the CPU with the steps: the measured step alone is optimistic
+# shares of the planned iterations where a run re-plans from its own pace: the first before the warm-up ends (so the
+# schedule rescales whole), the second with the first milestone still ahead. The raccoons' plan (1.08 s a step)
+# ran 1.31 s a step and 34 minutes of 30
+REPLAN_AT = (0.05, 0.5)
+PACE_FROM = 5            # the first steps start the loader's workers and oneDNN's kernels: the pace is timed after
+END_S = 10.0             # the final checkpoint and the exit
 
 # TrainConfig fields the recipe sets when they are at their defaults
 FIELDS = ("resize", "max_size", "jitter", "iters", "milestones", "warmup", "clip_grad", "val_iters", "batch", "lr")
@@ -105,10 +113,40 @@ def schedule(iters: int) -> Tuple[int, Tuple[int, ...]]:
     return max(1, round(WARMUP_SHARE * iters)), tuple(max(1, round(s * iters)) for s in MILESTONE_SHARES)
 
 
+def validation_seconds(step_s: float, *, images_per_step: int, val_images: int) -> float:
+    return VALIDATION_SHARE * step_s * val_images / images_per_step
+
+
 def iterations(budget_s: float, step_s: float, *, images_per_step: int, val_images: int) -> int:
     """Iterations that fit the budget after the start-up and the final validation."""
-    validation_s = VALIDATION_SHARE * step_s * val_images / images_per_step
+    validation_s = validation_seconds(step_s, images_per_step=images_per_step, val_images=val_images)
     return int(max(0.0, budget_s - OVERHEAD_S - validation_s) / (step_s * MARGIN))
+
+
+def remaining_iterations(remaining_s: float, pace_s: float, *, images_per_step: int, val_images: int) -> int:
+    """Iterations the rest of a budget buys at a run's own pace (seconds per iteration, loading included), after
+    the final validation and checkpoint."""
+    validation_s = validation_seconds(pace_s, images_per_step=images_per_step, val_images=val_images)
+    return int(max(0.0, remaining_s - END_S - validation_s) / pace_s)
+
+
+def replan_points(iters: int) -> List[int]:
+    """The iterations where a run of `iters` re-plans (after PACE_FROM + 10 steps at the earliest)."""
+    points = {max(PACE_FROM + 10, round(share * iters)) for share in REPLAN_AT}
+    return sorted(p for p in points if p < iters)
+
+
+def rescale(cfg, iters: int, *, done: int, given: Dict[str, object]) -> None:
+    """Write a re-planned iteration count into a TrainConfig after `done` iterations: the warm-up, milestones and
+    validation interval follow it where the recipe chose them and they are still ahead."""
+    warmup, milestones = schedule(iters)
+    if "warmup" not in given and done < cfg.warmup:
+        cfg.warmup = max(warmup, done)
+    if "milestones" not in given and min(cfg.milestones, default=iters) > done:
+        cfg.milestones = tuple(max(m, done + 1) for m in milestones)
+    if "val_iters" not in given:
+        cfg.val_iters = iters
+    cfg.iters = iters
 
 
 def step_seconds(model: torch.nn.Module, *, size: Tuple[int, int], batch: int, device: torch.device,
@@ -128,7 +166,7 @@ def step_seconds(model: torch.nn.Module, *, size: Tuple[int, int], batch: int, d
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             heads = net(x)
         losses = net.loss(([t.float() for t in heads[0]], [t.float() for t in heads[1]]), boxes, labels)
         (losses["cls"] + losses["box"]).backward()
@@ -231,4 +269,3 @@ def saved_recipe(train_config: Optional[dict]) -> Optional[Dict[str, object]]:
     if not train_config or not train_config.get("time_budget"):
         return None
     return {name: train_config[name] for name in FIELDS if name in train_config}
-

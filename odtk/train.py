@@ -26,7 +26,7 @@ from .health import TrainingHealth
 from .model import Model, ModelConfig
 from .plots import TrainingResults
 from .progress import progress
-from .utils import OdtkError, autocast_dtype, log
+from .utils import OdtkError, autocast, autocast_dtype, log
 
 DEFAULT_BACKBONE = "ResNet50FPN"
 
@@ -353,6 +353,18 @@ def worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]:
 
 
 @dataclass
+class Pace:
+    """A --time-budget run's re-planning (Trainer.replan): when the budget ends, what its end must leave time for,
+    the settings the user gave (kept), the iterations still to re-plan at, and (iteration, time) the pace is
+    timed from."""
+    deadline: float
+    val_images: int
+    given: Dict[str, object]
+    points: List[int]
+    since: Optional[Tuple[int, float]] = None
+
+
+@dataclass
 class TrainState:
     """What a step changes and a checkpoint restores."""
     model: Model
@@ -391,9 +403,9 @@ def new_state(cfg: TrainConfig, model: Model, saved: dict, device: torch.device)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel updates every parameter (GradScaler's unscale and inf check included)
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.regularization_l2, fused=cuda)
-    milestones = [int(m * cfg.schedule) for m in cfg.milestones]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: lr_factor(i, warmup=cfg.warmup, milestones=milestones, gamma=cfg.gamma))
+    # reads cfg at each step: a --time-budget run that re-plans moves its warm-up and milestones (recipe.rescale)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(
+        i, warmup=cfg.warmup, milestones=[int(m * cfg.schedule) for m in cfg.milestones], gamma=cfg.gamma))
     dtype = autocast_dtype(device, full_precision=cfg.full_precision)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)   # bf16 has fp32's range: no scaling
     state = TrainState(model, optimizer, scheduler, scaler, dtype=dtype, iteration=int(saved.get("iteration", 0)))
@@ -414,9 +426,9 @@ def new_state(cfg: TrainConfig, model: Model, saved: dict, device: torch.device)
     return state
 
 
-def starting_point(cfg: TrainConfig, ctx: Context = Context()) -> Tuple[CocoDataset, Model, dict, bool]:
-    """The training set, the model and its saved training state, and whether MODEL is resumed. With --time-budget,
-    cfg gets the recipe first (a resumed run the one it started with)."""
+def starting_point(cfg: TrainConfig, ctx: Context = Context()) -> Tuple[CocoDataset, Model, dict, bool, int]:
+    """The training set, the model and its saved training state, whether MODEL is resumed, and the number of
+    validation images. With --time-budget, cfg gets the recipe first (a resumed run the one it started with)."""
     resumed = Model.load(cfg.model, ema=False) if os.path.exists(cfg.model) and not cfg.override else None
     if resumed:   # before the data: its boxes are read as the model's kind
         check_resume(cfg, resumed[0].config)
@@ -433,11 +445,11 @@ def starting_point(cfg: TrainConfig, ctx: Context = Context()) -> Tuple[CocoData
     if cfg.time_budget:
         budget_recipe(cfg, ctx, dataset, resumed[1] if resumed else None, val_images=val_images)
     if not resumed:
-        return (dataset, *build_model(cfg, dataset), False)
+        return (dataset, *build_model(cfg, dataset), False, val_images)
     model, saved = resumed
     log.info(f"resuming {cfg.model} at iteration {saved.get('iteration', 0)}")
     log_data(cfg, anchor_report(cfg, dataset, model.config))
-    return dataset, model, saved, True
+    return dataset, model, saved, True, val_images
 
 
 def check_data_kind(cfg: TrainConfig, dataset: CocoDataset) -> None:
@@ -495,9 +507,16 @@ class Trainer:
     together (skip a batch, stop, save, a diverged loss) go through `self.ranks`."""
 
     def __init__(self, *, cfg: TrainConfig, ctx: Context = Context()):
+        begun = time.time()
         torch.manual_seed(cfg.seed)
         self.cfg, self.ctx, self.ranks = cfg, ctx, Ranks(ctx)
-        self.dataset, model, saved, resumed = starting_point(cfg, ctx)
+        given = recipe.given_fields(cfg)   # before the recipe fills them in
+        self.dataset, model, saved, resumed, val_images = starting_point(cfg, ctx)
+        # --time-budget re-plans from the run's pace, unless the iterations were given or the run resumes (its
+        # budget's start is past)
+        self.pace = (Pace(deadline=begun + cfg.time_budget * 60, val_images=val_images, given=given,
+                          points=recipe.replan_points(int(cfg.iters)))
+                     if cfg.time_budget and not resumed and "iters" not in given and cfg.schedule == 1 else None)
         self.state = new_state(cfg, model, saved, ctx.device)
         self.iters = int(cfg.iters * cfg.schedule)
         self.batch = cfg.batch if cfg.batch is not None else 2 * ctx.world_size   # train() checked the split
@@ -582,7 +601,7 @@ class Trainer:
         s, device = self.state, self.ctx.device
         images, boxes, labels, _, _ = (t.to(device, non_blocking=True) for t in batch)
         images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=s.dtype or torch.float32, enabled=s.dtype is not None):
+        with autocast(device, s.dtype):
             heads = self.net(images)
         losses = s.model.loss(([h.float() for h in heads[0]], [h.float() for h in heads[1]]), boxes, labels,
                               distributed=self.ctx.distributed)
@@ -617,6 +636,8 @@ class Trainer:
         bar.set_postfix(cls=f"{cls_loss:.3f}", box=f"{box_loss:.3f}", lr=f"{values['lr']:.2g}",
                         **{"im/s": f"{values['images_per_s']:.2f}"})
         bar.update(1)
+        if self.pace:
+            self.replan(bar)
         if it % 10 == 0 or last:
             metrics.log(values, it)
             self.record(it, values)
@@ -632,6 +653,28 @@ class Trainer:
                 self.record(it, {**values, "val/AP": ap["AP"], "val/AP50": ap["AP50"]})
         if self.results is not None and (saved or validated):   # rows past a checkpoint are dropped on resume
             self.results.save(plot=validated or last)
+
+    def replan(self, bar) -> None:
+        """--time-budget: at the plan's re-planning points, the iterations the rest of the budget buys at this run's
+        own pace (the plan timed a synthetic step, without loading); the schedule follows (recipe.rescale)."""
+        pace, it, now = self.pace, self.state.iteration, time.time()
+        if it == recipe.PACE_FROM or pace.since is None:
+            pace.since = (it, now)
+        if not pace.points or it < pace.points[0]:
+            return
+        pace.points.pop(0)
+        seconds = self.ranks.mean(torch.tensor([(now - pace.since[1]) / max(1, it - pace.since[0])],
+                                               device=self.ctx.device))[0]   # every rank takes the same decision
+        pace.since = (it, now)
+        iters = it + max(1, recipe.remaining_iterations(pace.deadline - now, seconds, images_per_step=self.batch,
+                                                        val_images=pace.val_images))
+        if iters == self.iters:
+            return
+        log.info(f"--time-budget: {seconds:.2f} s per iteration so far: {self.iters} -> {iters} iterations")
+        recipe.rescale(self.cfg, iters, done=it, given=pace.given)
+        self.iters = bar.total = self.health.iters = iters
+        self.health.warmup = int(self.cfg.warmup)
+        log.debug(f"--time-budget: --warmup {self.cfg.warmup} --milestones {' '.join(map(str, self.cfg.milestones))}")
 
     def record(self, iteration: int, values: Dict[str, float]) -> None:
         """A row of the results CSV (rank 0)."""

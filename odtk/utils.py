@@ -149,3 +149,8 @@ def autocast_dtype(device: torch.device, *, full_precision: bool = False) -> Opt
     if device.type == "cuda":
         return torch.float16
     return torch.bfloat16 if device.type == "cpu" and cpu_bf16() else None
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """torch.autocast to `dtype` (autocast_dtype's choice) on `device`; off for None."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

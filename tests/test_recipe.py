@@ -1,5 +1,6 @@
 """--time-budget (odtk.recipe): resolution from the object sizes, iterations from the measured speed, the schedule's
 shape, the user's flags kept, and a resumed run keeping the recipe it started with."""
+import pytest
 import torch
 
 from odtk import recipe as R
@@ -44,6 +45,63 @@ def test_iterations_fit_the_budget():
     # 30 min, 2 s a step, 40 validation images at batch 4: (1800 - 20 - 0.5 * 2 * 10) / (2 * 1.1)
     assert R.iterations(1800, 2.0, images_per_step=4, val_images=40) == int((1800 - 20 - 10) / 2.2)
     assert R.iterations(10, 2.0, images_per_step=4, val_images=0) == 0
+
+
+def test_remaining_iterations_leave_room_for_validation_and_the_end():
+    # 600 s left at 1.5 s an iteration (its own pace: no margin), 40 validation images at batch 4 (7.5 s)
+    assert R.remaining_iterations(600, 1.5, images_per_step=4, val_images=40) == int((600 - R.END_S - 7.5) / 1.5)
+    assert R.remaining_iterations(5, 1.5, images_per_step=4, val_images=0) == 0
+
+
+def test_replan_points_come_before_the_warmup_ends_and_before_the_first_milestone():
+    iters = 1500
+    points = R.replan_points(iters)
+    warmup, milestones = R.schedule(iters)
+    assert len(points) == 2 and R.PACE_FROM < points[0] < warmup and points[1] < milestones[0]
+    assert R.replan_points(16) == [] or all(p < 16 for p in R.replan_points(16))
+    assert R.replan_points(10) == []   # too short to time a pace
+
+
+def test_rescale_moves_the_schedule_it_chose_and_keeps_what_was_given():
+    cfg = TrainConfig(model="m.pth", annotations="a.json", iters=1500, warmup=225, milestones=(1110, 1380),
+                      val_iters=1500)
+    R.rescale(cfg, 1200, done=75, given={})
+    warmup, milestones = R.schedule(1200)
+    assert (cfg.iters, cfg.warmup, cfg.milestones, cfg.val_iters) == (1200, warmup, milestones, 1200)
+    cfg = TrainConfig(model="m.pth", annotations="a.json", iters=1500, warmup=225, milestones=(1110, 1380),
+                      val_iters=100)
+    R.rescale(cfg, 1800, done=750, given={"val_iters": 100})   # past the warm-up: it stays
+    assert (cfg.iters, cfg.warmup, cfg.milestones, cfg.val_iters) == (1800, 225, R.schedule(1800)[1], 100)
+    cfg = TrainConfig(model="m.pth", annotations="a.json", iters=1500, warmup=225, milestones=(100, 1380))
+    R.rescale(cfg, 1000, done=750, given={"warmup": 225})   # a milestone passed: the milestones stay
+    assert (cfg.warmup, cfg.milestones) == (225, (100, 1380))
+
+
+def test_time_budget_replans_from_the_runs_own_pace(synthetic, tmp_path, caplog, monkeypatch):
+    # a plan from a step timed far too fast (1 ms): the run finds its real pace and ends near the budget instead
+    images, train, val = synthetic
+    monkeypatch.setattr(R, "step_seconds", lambda *a, **k: 0.001)
+    monkeypatch.setattr(R, "OVERHEAD_S", 0.0)
+    monkeypatch.setattr(R, "END_S", 0.0)
+    monkeypatch.setattr(R, "REPLAN_AT", (0.0,))   # once, after PACE_FROM + 10 steps
+    model = str(tmp_path / "m.pth")
+    with caplog.at_level("INFO", logger="odtk"):
+        assert main(["train", model, "--annotations", train, "--images", images, "--backbone", "MobileNetV2FPN",
+                     "--time-budget", "0.25", "--resize", "128", "--loader-workers", "0",
+                     "--val-annotations", val]) == 0
+    planned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--time-budget 0.25:")]
+    planned_iters = int(planned[0].split("--iters ")[1].split()[0])
+    replanned = [r.getMessage() for r in caplog.records if "s per iteration so far" in r.getMessage()]
+    assert planned_iters > 5000 and len(replanned) == 1, replanned
+    saved = torch.load(model, weights_only=False)
+    cfg, done = saved["train_config"], R.PACE_FROM + 10
+    assert replanned[0].endswith(f"{planned_iters} -> {cfg['iters']} iterations")
+    assert done < saved["iteration"] == cfg["iters"] == cfg["val_iters"] < 200
+    warmup, milestones = R.schedule(cfg["iters"])
+    assert cfg["warmup"] == max(warmup, done)
+    assert tuple(cfg["milestones"]) == tuple(max(m, done + 1) for m in milestones)
+    # the lr schedule followed: the last step ran at lr x gamma^2
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cfg["lr"] * cfg["gamma"] ** 2)
 
 
 def test_fit_resolution_lowers_the_size_until_the_budget_buys_enough_steps():
