@@ -123,11 +123,15 @@ def iterations(budget_s: float, step_s: float, *, images_per_step: int, val_imag
     return int(max(0.0, budget_s - OVERHEAD_S - validation_s) / (step_s * MARGIN))
 
 
-def remaining_iterations(remaining_s: float, pace_s: float, *, images_per_step: int, val_images: int) -> int:
-    """Iterations the rest of a budget buys at a run's own pace (seconds per iteration, loading included), after
-    the final validation and checkpoint."""
-    validation_s = validation_seconds(pace_s, images_per_step=images_per_step, val_images=val_images)
-    return int(max(0.0, remaining_s - END_S - validation_s) / pace_s)
+def end_seconds(pace_s: float, *, images_per_step: int, val_images: int) -> float:
+    """What a run's end needs at a pace of `pace_s` per iteration: the final validation and checkpoint."""
+    return END_S + validation_seconds(pace_s, images_per_step=images_per_step, val_images=val_images)
+
+
+def remaining_iterations(remaining_s: float, pace_s: float, *, end_s: float) -> int:
+    """Iterations the rest of a budget buys at a run's own pace (seconds per iteration, loading included), with
+    `end_s` left for the end."""
+    return int(max(0.0, remaining_s - end_s) / pace_s)
 
 
 def replan_points(iters: int) -> List[int]:

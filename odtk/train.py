@@ -361,6 +361,7 @@ class Pace:
     val_images: int
     given: Dict[str, object]
     points: List[int]
+    reserve: float                   # seconds the end needs (validation, save): set from the pace at each re-plan
     since: Optional[Tuple[int, float]] = None
 
 
@@ -515,7 +516,7 @@ class Trainer:
         # --time-budget re-plans from the run's pace, unless the iterations were given or the run resumes (its
         # budget's start is past)
         self.pace = (Pace(deadline=begun + cfg.time_budget * 60, val_images=val_images, given=given,
-                          points=recipe.replan_points(int(cfg.iters)))
+                          points=recipe.replan_points(int(cfg.iters)), reserve=recipe.END_S)
                      if cfg.time_budget and not resumed and "iters" not in given and cfg.schedule == 1 else None)
         self.state = new_state(cfg, model, saved, ctx.device)
         self.iters = int(cfg.iters * cfg.schedule)
@@ -628,6 +629,8 @@ class Trainer:
         """The periodic jobs: progress and metrics, checkpoint (every --val-iters, at the end, or when `save`:
         10 minutes since the last), validation; the results CSV is written with each checkpoint and validation,
         its curves redrawn at each validation and at the end."""
+        if self.pace:   # first: it may end the run at this iteration
+            self.replan(bar)
         it, last, cfg = self.state.iteration, self.state.iteration == self.iters, self.cfg
         self.seen += self.batch
         values = {"loss/cls": cls_loss, "loss/box": box_loss, "lr": self.state.optimizer.param_groups[0]["lr"],
@@ -636,8 +639,6 @@ class Trainer:
         bar.set_postfix(cls=f"{cls_loss:.3f}", box=f"{box_loss:.3f}", lr=f"{values['lr']:.2g}",
                         **{"im/s": f"{values['images_per_s']:.2f}"})
         bar.update(1)
-        if self.pace:
-            self.replan(bar)
         if it % 10 == 0 or last:
             metrics.log(values, it)
             self.record(it, values)
@@ -660,18 +661,24 @@ class Trainer:
         pace, it, now = self.pace, self.state.iteration, time.time()
         if it == recipe.PACE_FROM or pace.since is None:
             pace.since = (it, now)
-        if not pace.points or it < pace.points[0]:
-            return
-        pace.points.pop(0)
-        seconds = self.ranks.mean(torch.tensor([(now - pace.since[1]) / max(1, it - pace.since[0])],
-                                               device=self.ctx.device))[0]   # every rank takes the same decision
-        pace.since = (it, now)
-        iters = it + max(1, recipe.remaining_iterations(pace.deadline - now, seconds, images_per_step=self.batch,
-                                                        val_images=pace.val_images))
-        if iters == self.iters:
-            return
-        log.info(f"--time-budget: {seconds:.2f} s per iteration so far: {self.iters} -> {iters} iterations")
-        recipe.rescale(self.cfg, iters, done=it, given=pace.given)
+        if pace.points and it >= pace.points[0]:
+            pace.points.pop(0)
+            seconds = self.ranks.mean(torch.tensor([(now - pace.since[1]) / max(1, it - pace.since[0])],
+                                                   device=self.ctx.device))[0]   # every rank takes the same decision
+            pace.since = (it, now)
+            pace.reserve = recipe.end_seconds(seconds, images_per_step=self.batch, val_images=pace.val_images)
+            iters = it + max(1, recipe.remaining_iterations(pace.deadline - now, seconds, end_s=pace.reserve))
+            if iters != self.iters:
+                log.info(f"--time-budget: {seconds:.2f} s per iteration so far: {self.iters} -> {iters} iterations")
+                self.rescale(iters, bar)
+        elif it < self.iters and self.ranks.any(late=now + pace.reserve >= pace.deadline)["late"]:
+            # the pace after the last re-plan was slower than before it: end now rather than past the budget
+            log.info(f"--time-budget: out of time at iteration {it} of {self.iters}: training ends here")
+            self.rescale(it, bar)
+
+    def rescale(self, iters: int, bar) -> None:
+        """A --time-budget run's new length: the schedule (recipe.rescale), the progress bar and the health checks."""
+        recipe.rescale(self.cfg, iters, done=self.state.iteration, given=self.pace.given)
         self.iters = bar.total = self.health.iters = iters
         self.health.warmup = int(self.cfg.warmup)
         log.debug(f"--time-budget: --warmup {self.cfg.warmup} --milestones {' '.join(map(str, self.cfg.milestones))}")

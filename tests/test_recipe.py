@@ -6,7 +6,7 @@ import torch
 from odtk import recipe as R
 from odtk.main import main, parse
 from odtk.model import Model, ModelConfig
-from odtk.train import TrainConfig
+from odtk.train import TrainConfig, lr_factor
 
 
 def test_resolution_brings_the_small_objects_to_small_side():
@@ -49,8 +49,10 @@ def test_iterations_fit_the_budget():
 
 def test_remaining_iterations_leave_room_for_validation_and_the_end():
     # 600 s left at 1.5 s an iteration (its own pace: no margin), 40 validation images at batch 4 (7.5 s)
-    assert R.remaining_iterations(600, 1.5, images_per_step=4, val_images=40) == int((600 - R.END_S - 7.5) / 1.5)
-    assert R.remaining_iterations(5, 1.5, images_per_step=4, val_images=0) == 0
+    end = R.end_seconds(1.5, images_per_step=4, val_images=40)
+    assert end == R.END_S + 7.5
+    assert R.remaining_iterations(600, 1.5, end_s=end) == int((600 - R.END_S - 7.5) / 1.5)
+    assert R.remaining_iterations(5, 1.5, end_s=R.END_S) == 0
 
 
 def test_replan_points_come_before_the_warmup_ends_and_before_the_first_milestone():
@@ -93,15 +95,38 @@ def test_time_budget_replans_from_the_runs_own_pace(synthetic, tmp_path, caplog,
     planned_iters = int(planned[0].split("--iters ")[1].split()[0])
     replanned = [r.getMessage() for r in caplog.records if "s per iteration so far" in r.getMessage()]
     assert planned_iters > 5000 and len(replanned) == 1, replanned
+    assert replanned[0].startswith("--time-budget: ") and f": {planned_iters} -> " in replanned[0]
+    target = int(replanned[0].split(" -> ")[1].split()[0])
     saved = torch.load(model, weights_only=False)
     cfg, done = saved["train_config"], R.PACE_FROM + 10
-    assert replanned[0].endswith(f"{planned_iters} -> {cfg['iters']} iterations")
-    assert done < saved["iteration"] == cfg["iters"] == cfg["val_iters"] < 200
-    warmup, milestones = R.schedule(cfg["iters"])
+    # the re-planned length, or a little less where the pace slowed after the re-plan and the deadline came first
+    assert done < saved["iteration"] == cfg["iters"] == cfg["val_iters"] <= target < 200
+    assert saved["iteration"] == target or "out of time at iteration" in caplog.text
+    warmup, milestones = R.schedule(target)
     assert cfg["warmup"] == max(warmup, done)
     assert tuple(cfg["milestones"]) == tuple(max(m, done + 1) for m in milestones)
-    # the lr schedule followed: the last step ran at lr x gamma^2
-    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cfg["lr"] * cfg["gamma"] ** 2)
+    # the lr schedule followed the new milestones to the last step
+    factor = lr_factor(saved["iteration"], warmup=cfg["warmup"], milestones=cfg["milestones"], gamma=cfg["gamma"])
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cfg["lr"] * factor)
+
+
+def test_time_budget_ends_at_the_deadline(synthetic, tmp_path, caplog, monkeypatch):
+    # no re-planning and a plan far too long: the run stops at the budget's end, validates and saves there
+    images, train, val = synthetic
+    monkeypatch.setattr(R, "step_seconds", lambda *a, **k: 0.001)
+    monkeypatch.setattr(R, "OVERHEAD_S", 0.0)
+    monkeypatch.setattr(R, "END_S", 0.0)
+    monkeypatch.setattr(R, "REPLAN_AT", ())
+    model = str(tmp_path / "m.pth")
+    with caplog.at_level("INFO", logger="odtk"):
+        assert main(["train", model, "--annotations", train, "--images", images, "--backbone", "MobileNetV2FPN",
+                     "--time-budget", "0.1", "--resize", "128", "--loader-workers", "0",
+                     "--val-annotations", val]) == 0
+    saved = torch.load(model, weights_only=False)
+    ended = saved["iteration"]
+    assert 1 <= ended == saved["train_config"]["iters"] < 100
+    assert f"out of time at iteration {ended} of " in caplog.text
+    assert f"validation at iteration {ended}:" in caplog.text
 
 
 def test_fit_resolution_lowers_the_size_until_the_budget_buys_enough_steps():
