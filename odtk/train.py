@@ -573,13 +573,15 @@ class Trainer:
             try:
                 for batch in self.batches(loader):
                     due = time.time() - self.last_save > 600
-                    votes = self.ranks.any(skip=batch is None, stop=stop.requested, save=due)
+                    # late: a --time-budget run at its deadline, less what its end needs (one vote for all flags)
+                    late = self.pace is not None and time.time() + self.pace.reserve >= self.pace.deadline
+                    votes = self.ranks.any(skip=batch is None, stop=stop.requested, save=due, late=late)
                     if votes["stop"]:
                         return True
                     if votes["skip"]:   # a rank's batch had no readable image (each was logged): all skip it
                         continue
                     cls_loss, box_loss = self.train_step(batch)
-                    self.after_step(cls_loss, box_loss, bar, metrics, save=votes["save"])
+                    self.after_step(cls_loss, box_loss, bar, metrics, save=votes["save"], late=votes["late"])
                     if self.state.iteration >= self.iters:
                         return False
             except RuntimeError:
@@ -625,12 +627,13 @@ class Trainer:
         s.iteration += 1
         return cls_loss, box_loss
 
-    def after_step(self, cls_loss: float, box_loss: float, bar, metrics: Metrics, *, save: bool) -> None:
+    def after_step(self, cls_loss: float, box_loss: float, bar, metrics: Metrics, *, save: bool,
+                   late: bool = False) -> None:
         """The periodic jobs: progress and metrics, checkpoint (every --val-iters, at the end, or when `save`:
         10 minutes since the last), validation; the results CSV is written with each checkpoint and validation,
         its curves redrawn at each validation and at the end."""
         if self.pace:   # first: it may end the run at this iteration
-            self.replan(bar)
+            self.replan(bar, late=late)
         it, last, cfg = self.state.iteration, self.state.iteration == self.iters, self.cfg
         self.seen += self.batch
         values = {"loss/cls": cls_loss, "loss/box": box_loss, "lr": self.state.optimizer.param_groups[0]["lr"],
@@ -655,7 +658,7 @@ class Trainer:
         if self.results is not None and (saved or validated):   # rows past a checkpoint are dropped on resume
             self.results.save(plot=validated or last)
 
-    def replan(self, bar) -> None:
+    def replan(self, bar, *, late: bool) -> None:
         """--time-budget: at the plan's re-planning points, the iterations the rest of the budget buys at this run's
         own pace (the plan timed a synthetic step, without loading); the schedule follows (recipe.rescale)."""
         pace, it, now = self.pace, self.state.iteration, time.time()
@@ -671,7 +674,7 @@ class Trainer:
             if iters != self.iters:
                 log.info(f"--time-budget: {seconds:.2f} s per iteration so far: {self.iters} -> {iters} iterations")
                 self.rescale(iters, bar)
-        elif it < self.iters and self.ranks.any(late=now + pace.reserve >= pace.deadline)["late"]:
+        elif late and it < self.iters:   # `late`: voted by the ranks before this step
             # the pace after the last re-plan was slower than before it: end now rather than past the budget
             log.info(f"--time-budget: out of time at iteration {it} of {self.iters}: training ends here")
             self.rescale(it, bar)
