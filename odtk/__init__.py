@@ -9,6 +9,7 @@
     >>> odtk.info("new.pth")["gflops"]                     # classes, anchors, parameters, GFLOPs, training
 """
 from .version import __version__
+from . import constants  # noqa: F401  before torch is imported: constants.LOADED is the start-up's time
 from .benchmark import BenchmarkConfig, benchmark, benchmark_table
 from .convert import convert_voc, convert_yolo, write_coco
 from .data import Augment

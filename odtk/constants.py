@@ -1,5 +1,10 @@
 """Values shared by several odtk modules, defined once: preprocessing, export, file types and the SSD crop."""
+import time
 from typing import List, Optional, Sequence
+
+# when odtk was imported (odtk/__init__ imports this module before torch): `odtk train --time-budget` counts the
+# start-up in its minutes
+LOADED = time.time()
 
 # torchvision's ImageNet statistics (RGB, [0, 1] scale): the backbones' pretrained weights expect them
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

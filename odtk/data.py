@@ -92,8 +92,13 @@ def resize_image(x: Tensor, size: Tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
 
 
-def resize_ratio(width: int, height: int, resize: int, max_size: int) -> float:
-    """Scale taking the shorter side to `resize`, capped so the longer side is at most `max_size`."""
+def resize_ratio(width, height, resize, max_size):
+    """Scale taking the shorter side to `resize`, capped so the longer side is at most `max_size`: for numbers, or
+    elementwise for tensors (recipe.step_size sizes many random batches at once)."""
+    if isinstance(width, Tensor):
+        short, long = torch.minimum(width, height), torch.maximum(width, height)
+        ratio = resize / short
+        return torch.where(ratio * long > max_size, max_size / long, ratio)
     ratio = resize / min(width, height)
     if ratio * max(width, height) > max_size:
         ratio = max_size / max(width, height)

@@ -123,7 +123,7 @@ def checkpoint_info(path: str, size: Optional[Sequence[int]] = None) -> dict:
             **_description(mc.backbones, mc.num_classes, mc.category_ids, mc.class_names, mc.ratios, mc.scales,
                            model.strides, mc.threshold, mc.nms, mc.detections,
                            angles=mc.angles if mc.rotated else None),
-            "pretrained": mc.pretrained, "parameters": total, "trainable": trainable,
+            "channels": mc.channels, "pretrained": mc.pretrained, "parameters": total, "trainable": trainable,
             "size": [h, w], "size_source": source, "gflops": network_flops(mc, (h, w)) / 1e9,
             "flops_convention": FLOPS_CONVENTION, "iteration": state.get("iteration"),
             "ema": {"decay": ema.get("decay"), "updates": ema.get("updates")} if ema else None,
@@ -201,7 +201,8 @@ def _from_metadata(meta: dict) -> dict:
                            meta.get("class_names"), meta.get("ratios", []), meta.get("scales", []),
                            meta.get("strides", []), meta.get("threshold"), meta.get("nms"), meta.get("detections"),
                            angles=meta.get("angles", []) if meta.get("rotated") else None),
-            "flavour": meta.get("flavour"), "size": meta.get("size"), "odtk_version": meta.get("odtk_version")}
+            "channels": meta.get("channels"), "flavour": meta.get("flavour"), "size": meta.get("size"),
+            "odtk_version": meta.get("odtk_version")}
 
 
 def _tensor(value) -> dict:
@@ -241,7 +242,8 @@ def _megabytes(n: int) -> str:
 
 def _shared_rows(d: dict) -> List[Tuple[str, str]]:
     a, lim = d["anchors"], d["limits"]
-    return [("backbone", " + ".join(d["backbones"])),
+    return [("backbone", " + ".join(d["backbones"]) + (f", FPN and heads {d['channels']} wide" if d.get("channels")
+                                                       else "")),
             ("classes", _classes(d)),
             ("anchors", f"{a['per_cell']} per cell: ratios {numbers(a['ratios'])}, scales {numbers(a['scales'])}, "
                         f"strides {numbers(a['strides'])}"

@@ -35,6 +35,7 @@ class ModelConfig:
     ratios: List[float] = field(default_factory=lambda: [1.0, 2.0, 0.5])
     scales: List[float] = field(default_factory=lambda: [4 * 2 ** (i / 3) for i in range(3)])
     anchor_ious: List[float] = field(default_factory=lambda: [0.4, 0.5])   # background, foreground
+    channels: int = 256               # FPN and head width (ODTK's); the heads are most of a MobileNet's compute
     pretrained: bool = False          # frozen BatchNorm + frozen stem when started from ImageNet
     category_ids: Optional[List[int]] = None   # dataset category id of each class index
     class_names: Optional[List[str]] = None
@@ -75,11 +76,12 @@ class Model(nn.Module):
     def __init__(self, *, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.backbones = nn.ModuleDict({name: build_backbone(name, pretrained=config.pretrained)
+        self.backbones = nn.ModuleDict({name: build_backbone(name, pretrained=config.pretrained,
+                                                             channels=config.channels)
                                         for name in config.backbones})
         self.strides = [s for b in self.backbones.values() for s in b.strides]
-        self.cls_head = _head(config.num_anchors * config.num_classes)
-        self.box_head = _head(config.num_anchors * config.box_channels)
+        self.cls_head = _head(config.num_anchors * config.num_classes, channels=config.channels)
+        self.box_head = _head(config.num_anchors * config.box_channels, channels=config.channels)
         # prior probability 0.01 for every class: the focal loss starts near its equilibrium
         nn.init.constant_(self.cls_head[-1].bias, -math.log((1 - 0.01) / 0.01))
         if config.rotated:   # (sin, cos) = (0, 1): boxes start at their anchor's angle, not at a cos error of 1

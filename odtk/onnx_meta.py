@@ -28,7 +28,8 @@ def metadata(model: "Model", size: Tuple[int, int], flavour: str, *, dynamic: bo
             "resize": resize, "max_size": max_size, "stride": max(model.strides),
             "size_divisible": mc.size_divisible, "mean": mc.mean, "std": mc.std, "num_classes": mc.num_classes,
             "category_ids": category_ids_or_default(mc.category_ids, mc.num_classes),
-            "class_names": mc.class_names, "backbones": mc.backbones, "threshold": mc.threshold, "nms": mc.nms,
+            "class_names": mc.class_names, "backbones": mc.backbones, "channels": mc.channels,
+            "threshold": mc.threshold, "nms": mc.nms,
             "detections": mc.detections, "ratios": mc.ratios, "scales": mc.scales, "levels": len(model.strides),
             "strides": model.strides, "rotated": mc.rotated, **rotated}
 

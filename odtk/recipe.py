@@ -10,6 +10,7 @@ Settings left at their defaults are chosen; the ones the user changed are kept.
 """
 import copy
 import dataclasses
+import functools
 import math
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -17,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .data import CocoDataset
+from .data import CocoDataset, resize_ratio
 from .utils import autocast
 
 SMALL_SIDE = 24          # px: P3's anchors (stride 8) start near 2-4 strides; smaller objects are poorly matched
@@ -45,9 +46,17 @@ MARGIN = 1.1             # data loading shares the CPU with the steps: the measu
 REPLAN_AT = (0.05, 0.5)
 PACE_FROM = 5            # the first steps start the loader's workers and oneDNN's kernels: the pace is timed after
 END_S = 10.0             # the final checkpoint and the exit
+# FPN and head widths, widest (ODTK's) first: the next is taken while the budget buys fewer than FULL_WIDTH_ITERS.
+# The heads are most of a MobileNetV2FPN's step: 128 wide it takes 0.45x the time (bf16, a batch of 4 at 288x384:
+# 0.47 s against 1.04 on the 2-core CPU); in 30 minutes there the 2.2x steps gave more AP than the width on BCCD
+# (0.557 against 0.547) and the kangaroos (0.483 against 0.444), less on the raccoons (0.556 against 0.580; README
+# "Fine-tuning within a time budget")
+HEAD_WIDTHS = (256, 128)
+FULL_WIDTH_ITERS = 3000
 
 # TrainConfig fields the recipe sets when they are at their defaults
-FIELDS = ("resize", "max_size", "jitter", "iters", "milestones", "warmup", "clip_grad", "val_iters", "batch", "lr")
+FIELDS = ("resize", "max_size", "jitter", "iters", "milestones", "warmup", "clip_grad", "val_iters", "batch", "lr",
+          "head_channels")
 
 
 @dataclasses.dataclass
@@ -62,14 +71,14 @@ class Recipe:
     clip_grad: float
     val_iters: int
     lr: float
+    head_channels: int
     step_s: float            # measured seconds per iteration (step_size: a batch near the jitter's top)
 
     def describe(self, budget_min: float) -> str:
         return (f"--time-budget {budget_min:g}: --resize {self.resize} --max-size {self.max_size} --jitter "
                 f"{self.jitter[0]} {self.jitter[1]} --batch {self.batch} --iters {self.iters} --warmup {self.warmup} "
                 f"--milestones {' '.join(map(str, self.milestones))} --lr {self.lr:g} --clip-grad {self.clip_grad:g} "
-                f"(a step takes "
-                f"{self.step_s:.2f} s here)")
+                f"--head-channels {self.head_channels} (a step takes {self.step_s:.2f} s here)")
 
 
 def round_to(value: float, step: int = RESIZE_STEP) -> int:
@@ -202,7 +211,7 @@ def step_size(sizes: Tensor, *, jitter: Tuple[int, int], max_size: int, batch: i
     g = torch.Generator().manual_seed(seed)
     pick = sizes[torch.randint(len(sizes), (draws, batch), generator=g)]                     # [draws, batch, 2]
     short = torch.randint(jitter[0], jitter[1] + 1, (draws, batch), generator=g).double()
-    ratio = torch.minimum(short / pick.amin(2), max_size / pick.amax(2))
+    ratio = resize_ratio(pick[..., 1], pick[..., 0], short, max_size)
     shape = torch.ceil(torch.round(pick * ratio[..., None]).amax(1) / RESIZE_STEP) * RESIZE_STEP   # [draws, 2]
     area = shape.prod(1)
     height, width = shape[(area - area.mean()).abs().argmin()].tolist()
@@ -227,29 +236,34 @@ def fit_resolution(resize: int, max_size: int, *, measure: Callable[[Tuple[int, 
         max_size = max_size_for(resize, wide)
 
 
-def make_recipe(*, budget_min: float, dataset: CocoDataset, measure: Callable[[Tuple[int, int]], float],
+def make_recipe(*, budget_min: float, dataset: CocoDataset, measure: Callable[[Tuple[int, int], int], float],
                 world_size: int, val_images: int, given: Dict[str, object]) -> Recipe:
-    """The recipe for `budget_min` minutes; `given` holds the settings the user chose (kept as they are)."""
+    """The recipe for `budget_min` minutes; `measure((height, width), channels)` gives seconds per step of a model
+    with FPN and heads `channels` wide; `given` holds the settings the user chose (kept as they are)."""
     sides, sizes = relative_sides(dataset)
-    resize, max_size = resolution(sides, sizes.amin(1), sizes.amax(1) / sizes.amin(1))
-    resize = int(given.get("resize", resize))
-    max_size = int(given.get("max_size", max_size_for(resize, max_size / resize)))
+    fitted, fitted_max = resolution(sides, sizes.amin(1), sizes.amax(1) / sizes.amin(1))
     batch = int(given.get("batch", BATCH_PER_WORKER * world_size))
-    if "resize" in given:
-        jitter = tuple(given.get("jitter", jitter_for(resize)))   # a worker's batch is what is padded together
-        step_s = measure(step_size(sizes, jitter=jitter, max_size=max_size, batch=batch // world_size))
-        iters = iterations(budget_min * 60, step_s, images_per_step=batch, val_images=val_images)
-    else:
-        resize, max_size, step_s, iters = fit_resolution(resize, max_size, measure=measure, budget_s=budget_min * 60,
-                                                         sizes=sizes, batch=batch, val_images=val_images,
-                                                         world_size=world_size)
+    for channels in [int(given["head_channels"])] if "head_channels" in given else HEAD_WIDTHS:
+        resize = int(given.get("resize", fitted))
+        max_size = int(given.get("max_size", max_size_for(resize, fitted_max / fitted)))
+        timed = functools.partial(measure, channels=channels)
+        if "resize" in given or "jitter" in given:   # the training sizes are the user's: time them, nothing to fit
+            jitter = tuple(given.get("jitter", jitter_for(resize)))   # a worker's batch is what is padded together
+            step_s = timed(step_size(sizes, jitter=jitter, max_size=max_size, batch=batch // world_size))
+            iters = iterations(budget_min * 60, step_s, images_per_step=batch, val_images=val_images)
+        else:
+            resize, max_size, step_s, iters = fit_resolution(resize, max_size, measure=timed, sizes=sizes,
+                                                             budget_s=budget_min * 60, batch=batch,
+                                                             val_images=val_images, world_size=world_size)
+        if iters >= FULL_WIDTH_ITERS:
+            break
     iters = int(given.get("iters", max(iters, 1)))
     warmup, milestones = schedule(iters)
     return Recipe(resize=resize, max_size=max_size,
                   jitter=tuple(given.get("jitter", jitter_for(resize))), batch=batch, iters=iters,
                   warmup=int(given.get("warmup", warmup)), milestones=tuple(given.get("milestones", milestones)),
                   clip_grad=float(given.get("clip_grad", CLIP_GRAD)), val_iters=int(given.get("val_iters", iters)),
-                  lr=float(given.get("lr", learning_rate(batch))), step_s=step_s)
+                  lr=float(given.get("lr", learning_rate(batch))), head_channels=channels, step_s=step_s)
 
 
 def apply(cfg, recipe: Recipe) -> None:

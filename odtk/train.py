@@ -23,7 +23,7 @@ from .data import Augment, CocoDataset, loader_factory
 from .distributed import (MASTER, Context, Ranks, StopRequest, TrainingStopped, check_nodes, launch, local_workers,
                           resolve_device, torchrun_context)
 from .health import TrainingHealth
-from .model import Model, ModelConfig
+from .model import Model, ModelConfig, config_from_dict, read_checkpoint
 from .plots import TrainingResults
 from .progress import progress
 from .utils import OdtkError, autocast, autocast_dtype, log
@@ -67,6 +67,7 @@ class TrainConfig:
     anchor_scales: Union[None, str, List[float]] = None    # None: ODTK's, fitted when they fit poorly; "auto"
     anchor_ratios: Union[None, str, List[float]] = None    # None: ODTK's 1 2 0.5; "auto": fitted to the boxes
     backbone_weights: Optional[str] = None
+    head_channels: Optional[int] = None   # FPN and head width; None: ODTK's 256 (a resumed run keeps its own)
     clip_grad: float = 0.0
     loader_workers: int = 2
     with_dali: bool = False
@@ -91,7 +92,8 @@ class TrainConfig:
             if name not in BACKBONES:
                 raise OdtkError(f"--backbone {name}: unknown backbone (choose from {', '.join(BACKBONES)})")
         for flag, value in (("--classes", self.classes), ("--batch", self.batch), ("--resize", self.resize),
-                            ("--max-size", self.max_size), ("--iters", self.iters), ("--val-iters", self.val_iters)):
+                            ("--max-size", self.max_size), ("--iters", self.iters), ("--val-iters", self.val_iters),
+                            ("--head-channels", self.head_channels)):
             at_least(flag, value, 1)
         for flag, value in (("--warmup", self.warmup), ("--loader-workers", self.loader_workers)):
             at_least(flag, value, 0)
@@ -140,7 +142,8 @@ def build_model(cfg: TrainConfig, dataset: CocoDataset) -> Tuple[Model, dict]:
     anchors = log_data(cfg, anchor_report(cfg, dataset)).final
     config = ModelConfig(backbones=backbones, num_classes=num_classes, anchor_ious=list(cfg.anchor_ious),
                          pretrained=pretrained, category_ids=dataset.category_ids, class_names=names,
-                         scales=anchors.scales, ratios=anchors.ratios, rotated=cfg.rotated_bbox)
+                         scales=anchors.scales, ratios=anchors.ratios, rotated=cfg.rotated_bbox,
+                         channels=cfg.head_channels or ModelConfig.channels)
     model = Model(config=config)
     if pretrained:
         for name, path in weights.items():
@@ -191,6 +194,9 @@ def fine_tuned(cfg: TrainConfig, dataset: CocoDataset, num_classes: int, names: 
     base, _ = Model.load(cfg.fine_tune)
     mc = base.config
     check_rotated(cfg, mc, cfg.fine_tune, "--fine-tune starts from", "fine-tune from a rotated model")
+    if cfg.head_channels not in (None, mc.channels):
+        raise OdtkError(f"{cfg.fine_tune}: its FPN and heads are {mc.channels} channels wide, which --fine-tune "
+                        f"keeps: drop --head-channels {cfg.head_channels}")
     if cfg.anchor_scales is not None or cfg.anchor_ratios is not None:
         log.warning(f"--fine-tune keeps the anchors of {cfg.fine_tune} (scales {_shown(mc.scales)}, ratios "
                     f"{_shown(mc.ratios)}): --anchor-scales/--anchor-ratios ignored")
@@ -224,6 +230,7 @@ def check_resume(cfg: TrainConfig, config: ModelConfig) -> None:
     check_rotated(cfg, config, cfg.model, "resuming keeps",
                   f"add --override to train a new model (overwrites {cfg.model})")
     asked = {"--backbone": (cfg.backbone, config.backbones), "--classes": (cfg.classes, config.num_classes),
+             "--head-channels": (cfg.head_channels, config.channels),
              "--anchor-scales": (None if cfg.anchor_scales == AUTO else cfg.anchor_scales, config.scales),
              "--anchor-ratios": (None if cfg.anchor_ratios == AUTO else cfg.anchor_ratios, config.ratios)}
     for flag, (wanted, saved) in asked.items():
@@ -330,10 +337,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
-def train(cfg: TrainConfig) -> Optional[Dict[str, float]]:
+def train(cfg: TrainConfig, *, started: Optional[float] = None) -> Optional[Dict[str, float]]:
     """Train with cfg: checks inputs here (one-line errors), then runs one worker per device. Returns the loss
     figures when training ran in this process; raises OdtkError, TrainingStopped (after a signal, with a
-    checkpoint) or WorkersFailed (spawned workers, which logged their errors)."""
+    checkpoint) or WorkersFailed (spawned workers, which logged their errors). `started`: the time.time() a
+    --time-budget counts from (`odtk train` passes its own start; default: now)."""
+    started = time.time() if started is None else started
     cfg.validate()   # again: the fields may have been changed since construction
     check_writable(cfg.model, "MODEL")
     for path in (cfg.annotations, cfg.val_annotations):   # before any worker starts: one message, not N
@@ -343,13 +352,13 @@ def train(cfg: TrainConfig) -> Optional[Dict[str, float]]:
     world = ctx.world_size if ctx else local_workers(cfg.workers, cfg.device) * cfg.nodes
     if cfg.batch is not None and cfg.batch % world:
         raise OdtkError(f"--batch {cfg.batch} does not split evenly over {world} workers")
-    return launch(functools.partial(worker, cfg), workers=cfg.workers, nodes=cfg.nodes,
+    return launch(functools.partial(worker, cfg, started=started), workers=cfg.workers, nodes=cfg.nodes,
                   node_rank=cfg.node_rank, master=cfg.master, verbose=cfg.verbose, device=cfg.device)
 
 
-def worker(cfg: TrainConfig, ctx: Context = Context()) -> Dict[str, float]:
+def worker(cfg: TrainConfig, ctx: Context = Context(), *, started: Optional[float] = None) -> Dict[str, float]:
     """One worker's training (a module-level function: spawned workers unpickle it)."""
-    return Trainer(cfg=cfg, ctx=ctx).fit()
+    return Trainer(cfg=cfg, ctx=ctx, started=started).fit()
 
 
 @dataclass
@@ -427,9 +436,11 @@ def new_state(cfg: TrainConfig, model: Model, saved: dict, device: torch.device)
     return state
 
 
-def starting_point(cfg: TrainConfig, ctx: Context = Context()) -> Tuple[CocoDataset, Model, dict, bool, int]:
+def starting_point(cfg: TrainConfig, ctx: Context = Context(), *, given: Optional[Dict[str, object]] = None
+                   ) -> Tuple[CocoDataset, Model, dict, bool, int]:
     """The training set, the model and its saved training state, whether MODEL is resumed, and the number of
-    validation images. With --time-budget, cfg gets the recipe first (a resumed run the one it started with)."""
+    validation images. With --time-budget, cfg gets the recipe first (a resumed run the one it started with) and
+    keeps `given` (default: recipe.given_fields(cfg))."""
     resumed = Model.load(cfg.model, ema=False) if os.path.exists(cfg.model) and not cfg.override else None
     if resumed:   # before the data: its boxes are read as the model's kind
         check_resume(cfg, resumed[0].config)
@@ -444,7 +455,11 @@ def starting_point(cfg: TrainConfig, ctx: Context = Context()) -> Tuple[CocoData
         check_data_kind(cfg, val)
         val_images = len(val)
     if cfg.time_budget:
-        budget_recipe(cfg, ctx, dataset, resumed[1] if resumed else None, val_images=val_images)
+        given = recipe.given_fields(cfg) if given is None else given
+        if cfg.fine_tune and "head_channels" not in given:   # the width of the weights it starts from
+            given = {**given, "head_channels": config_from_dict(read_checkpoint(cfg.fine_tune)["config"],
+                                                                cfg.fine_tune).channels}
+        budget_recipe(cfg, ctx, dataset, resumed[1] if resumed else None, val_images=val_images, given=given)
     if not resumed:
         return (dataset, *build_model(cfg, dataset), False, val_images)
     model, saved = resumed
@@ -462,23 +477,26 @@ def check_data_kind(cfg: TrainConfig, dataset: CocoDataset) -> None:
 
 
 def budget_recipe(cfg: TrainConfig, ctx: Context, dataset: CocoDataset, saved: Optional[dict], *,
-                  val_images: int) -> None:
-    """--time-budget: write the recipe into cfg (and the dataset's sizes); a resumed run keeps its own."""
+                  val_images: int, given: Dict[str, object]) -> None:
+    """--time-budget: write the recipe into cfg (and the dataset's sizes), keeping the `given` settings; a resumed
+    run keeps its own."""
     kept = recipe.saved_recipe(saved.get("train_config")) if saved else None
     if kept:
         for name, value in kept.items():
             setattr(cfg, name, tuple(value) if isinstance(value, list) else value)
         log.info(f"--time-budget: resuming with the recipe {cfg.model} started with")
     else:
-        given = recipe.given_fields(cfg)
         backbones = list(cfg.backbone or [DEFAULT_BACKBONE])
-        timed = Model(config=ModelConfig(backbones=backbones, num_classes=len(dataset.category_ids),
-                                         rotated=cfg.rotated_bbox))
         per_worker = int(given.get("batch", recipe.BATCH_PER_WORKER * ctx.world_size)) // ctx.world_size
         ranks = Ranks(ctx)
 
-        def measure(size: Tuple[int, int]) -> float:   # every rank takes the same decisions on the mean
-            seconds = recipe.step_seconds(timed, size=size, batch=per_worker, device=ctx.device,
+        @functools.lru_cache(maxsize=None)
+        def timed(channels: int) -> Model:
+            return Model(config=ModelConfig(backbones=backbones, num_classes=len(dataset.category_ids),
+                                            rotated=cfg.rotated_bbox, channels=channels))
+
+        def measure(size: Tuple[int, int], channels: int) -> float:   # every rank decides on the mean
+            seconds = recipe.step_seconds(timed(channels), size=size, batch=per_worker, device=ctx.device,
                                           dtype=autocast_dtype(ctx.device, full_precision=cfg.full_precision))
             return ranks.mean(torch.tensor([seconds], device=ctx.device))[0]
 
@@ -507,12 +525,12 @@ class Trainer:
     jobs (`after_step`: progress and metrics, `checkpoint`, `validation`). Decisions that every rank must take
     together (skip a batch, stop, save, a diverged loss) go through `self.ranks`."""
 
-    def __init__(self, *, cfg: TrainConfig, ctx: Context = Context()):
-        begun = time.time()
+    def __init__(self, *, cfg: TrainConfig, ctx: Context = Context(), started: Optional[float] = None):
+        begun = time.time() if started is None else started   # a --time-budget's start (train()'s `started`)
         torch.manual_seed(cfg.seed)
         self.cfg, self.ctx, self.ranks = cfg, ctx, Ranks(ctx)
         given = recipe.given_fields(cfg)   # before the recipe fills them in
-        self.dataset, model, saved, resumed, val_images = starting_point(cfg, ctx)
+        self.dataset, model, saved, resumed, val_images = starting_point(cfg, ctx, given=given)
         # --time-budget re-plans from the run's pace, unless the iterations were given or the run resumes (its
         # budget's start is past)
         self.pace = (Pace(deadline=begun + cfg.time_budget * 60, val_images=val_images, given=given,

@@ -111,6 +111,7 @@ BAD_TRAIN = [
     (["--clip-grad", "nan"], "--clip-grad nan: must be a finite number >= 0"),
     (["--augment-hue", "-0.1"], "--augment-hue -0.1: must be a finite number >= 0"),
     (["--classes", "0"], "--classes 0: must be at least 1"),
+    (["--head-channels", "0"], "--head-channels 0: must be at least 1"),
     (["--ema", "1"], "--ema 1.0: the decay must be between 0 and 1"),
     (["--nodes", "2", "--node-rank", "2"], "--nodes 2 --node-rank 2: need 0 <= node rank < nodes"),
 ]
@@ -232,6 +233,8 @@ def test_10_unknown_backbone_lists_the_known_ones(data, model, caplog, capsys):
                                     "drop --backbone to resume, or add --override"),
     (["--classes", "5"], "resuming keeps the checkpoint's --classes 3, not 5; drop --classes to resume, or add "
                          "--override"),
+    (["--head-channels", "128"], "resuming keeps the checkpoint's --head-channels 256, not 128; drop "
+                                 "--head-channels to resume, or add --override"),
 ])
 def test_12_resume_with_other_model_flags_is_refused(data, model, extra, message, caplog, capsys):
     refused(train_argv(model, data, "--iters", "4", *extra), f"{model}: {message}", caplog, capsys, keep=(model,))

@@ -73,7 +73,7 @@ def test_the_cli_builds_the_default_config(argv, target, expected, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     seen = []
     # odtk.train/infer/export are the package's functions; their modules are reached through importlib
-    monkeypatch.setattr(importlib.import_module(target[0]), target[1], seen.append)
+    monkeypatch.setattr(importlib.import_module(target[0]), target[1], lambda cfg, **_: seen.append(cfg))
     assert main(argv) == 0
     assert seen == [expected]
 

@@ -86,6 +86,23 @@ def test_raw_heads_names_shapes_and_values(trained, tmp_path):
     assert read_metadata(out)["flavour"] == "raw"
 
 
+def test_narrow_heads_export(tmp_path):
+    """--head-channels: the FPN and heads' width travels in the model, and its ONNX gives the same heads."""
+    torch.manual_seed(0)
+    model = Model(config=ModelConfig(backbones=["MobileNetV2FPN"], num_classes=2, channels=64)).eval()
+    assert model.cls_head[0].weight.shape == (64, 64, 3, 3)
+    assert model.backbones["MobileNetV2FPN"].smooth3.out_channels == 64
+    out = str(tmp_path / "narrow.onnx")
+    export_onnx(model, out, size=SIZE, raw_heads=True)
+    x = torch.randn(2, 3, *SIZE)
+    outputs = _session(out).run(None, {"input_1": x.numpy()})
+    with torch.no_grad():
+        cls, box = model(x)
+    for i in range(5):
+        np.testing.assert_allclose(outputs[i], cls[i].sigmoid().numpy(), atol=1e-4)
+        np.testing.assert_allclose(outputs[5 + i], box[i].numpy(), atol=1e-3)
+
+
 def test_infer_onnx_gives_pytorch_ap(trained, end2end, tmp_path):
     from odtk.infer import InferConfig, infer
     model_path, images, train, *_ = trained

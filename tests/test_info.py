@@ -166,7 +166,7 @@ def test_info_checkpoint_parameters_as_the_model_counts_them(tmp_path, capsys, p
     assert (d["parameters"], d["trainable"], d["iteration"], d["size"]) == (total, trainable, 7, [96, 96])
     out = _info_cli([path, "--size", "96"], capsys)
     assert f"{total:,}" in out and f"trainable {trainable:,}" in out
-    assert "3: WBC, RBC, Platelets (category ids 4-6)" in out and "MobileNetV2FPN" in out
+    assert "3: WBC, RBC, Platelets (category ids 4-6)" in out and "MobileNetV2FPN, FPN and heads 256 wide" in out
     assert "9 per cell: ratios 1 2 0.5, scales 4 5.04 6.35, strides 8 16 32 64 128" in out
     assert f"{d['gflops']:.2f} at 96x96" in out and "a multiply-add counts as 2 FLOPs" in out
     assert "EMA              no" in out and "no settings saved" in out
@@ -212,7 +212,7 @@ def test_info_onnx_flavour_opset_and_shapes(checkpoint, tmp_path, capsys):
     out = _info_cli([end2end], capsys)
     assert "end-to-end (decode + NMS inside" in out and f"opset            {DEFAULT_OPSET}" in out
     assert "input_1 float32 [batch, 3, 128, 128]" in out and "INT8             no" in out
-    assert "(category ids 10 20 30)" in out
+    assert "(category ids 10 20 30)" in out and "FPN and heads 256 wide" in out and d["channels"] == 256
     out = _info_cli([raw], capsys)
     assert "raw heads (no decode/NMS" in out and f"opset            {DEFAULT_OPSET + 1}" in out
     assert "input            input_1 float32 [batch, 3, 96, 128]" in out and "size             96x128" in out

@@ -1,5 +1,8 @@
 """--time-budget (odtk.recipe): resolution from the object sizes, iterations from the measured speed, the schedule's
 shape, the user's flags kept, and a resumed run keeping the recipe it started with."""
+import sys
+import time
+
 import pytest
 import torch
 
@@ -127,6 +130,64 @@ def test_time_budget_ends_at_the_deadline(synthetic, tmp_path, caplog, monkeypat
     assert 1 <= ended == saved["train_config"]["iters"] < 100
     assert f"out of time at iteration {ended} of " in caplog.text
     assert f"validation at iteration {ended}:" in caplog.text
+
+
+def test_the_deadline_counts_from_the_commands_start(synthetic, tmp_path, monkeypatch):
+    from odtk.constants import LOADED
+    from odtk.train import Trainer
+    images, train, _ = synthetic
+    monkeypatch.setattr(R, "step_seconds", lambda *a, **k: 0.01)
+    started = time.time() - 30            # 30 s of imports and start-up before the trainer
+    cfg = TrainConfig(model=str(tmp_path / "m.pth"), annotations=train, images=images, backbone=["MobileNetV2FPN"],
+                      time_budget=2, loader_workers=0, device="cpu")
+    assert Trainer(cfg=cfg, started=started).pace.deadline == started + 120
+    # the command line passes odtk's import time; a call from Python its own start
+    seen = {}
+    monkeypatch.setattr(sys.modules["odtk.train"], "train", lambda cfg, started: seen.setdefault("started", started))
+    before = time.time()
+    assert main(["train", "m.pth", "--annotations", train, "--images", images]) == 0
+    assert before <= seen["started"] <= time.time() and LOADED < before
+
+
+class Squares:
+    """relative_sides' view of a dataset: 8 square 1000 px images with a 100 px box each."""
+    ids = list(range(8))
+    boxes = {i: torch.tensor([[0.0, 0.0, 100.0, 100.0]]) for i in ids}
+
+    def original_size(self, image_id):
+        return 1000, 1000
+
+
+def test_the_head_narrows_when_the_budget_buys_too_few_steps():
+    def measure(size, channels):   # a step costs its pixels and the square of the width
+        return size[0] * size[1] / 256 ** 2 * (channels / 256) ** 2
+
+    def plan(minutes, **given):
+        return R.make_recipe(budget_min=minutes, dataset=Squares(), measure=measure, world_size=1, val_images=0,
+                             given=given)
+    resize = plan(60).resize
+    wide = R.step_size(torch.full((8, 2), 1000.0, dtype=torch.float64), jitter=R.jitter_for(resize),
+                       max_size=R.max_size_for(resize, 1.0), batch=4)
+    enough = R.FULL_WIDTH_ITERS * R.MARGIN * measure(wide, 256) / 60 + 1    # minutes that buy enough wide steps
+    assert plan(enough).head_channels == R.HEAD_WIDTHS[0] and plan(enough).iters >= R.FULL_WIDTH_ITERS
+    narrow = plan(enough / 2)
+    assert narrow.head_channels == R.HEAD_WIDTHS[1] and narrow.resize == resize
+    assert narrow.iters == R.iterations(enough / 2 * 60, measure(wide, R.HEAD_WIDTHS[1]), images_per_step=4,
+                                        val_images=0)
+    assert plan(enough / 2, head_channels=256).head_channels == 256   # given: kept, however few the steps
+
+
+def test_a_given_jitter_is_timed_as_given():
+    """--jitter without --resize: the training sizes are the user's, so the recipe times them and fits nothing."""
+    seen = []
+
+    def measure(size, channels):
+        seen.append(size)
+        return 1.0
+
+    chosen = R.make_recipe(budget_min=1, dataset=Squares(), measure=measure, world_size=1, val_images=0,
+                           given={"jitter": (96, 96), "head_channels": 64})
+    assert seen == [(96, 96)] and chosen.jitter == (96, 96) and chosen.head_channels == 64
 
 
 def test_fit_resolution_lowers_the_size_until_the_budget_buys_enough_steps():

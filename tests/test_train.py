@@ -140,6 +140,22 @@ def test_fine_tune_carries_the_weights_and_renews_the_class_head(config, tmp_pat
     assert torch.allclose(same[head + "bias"], a[head + "bias"], atol=1e-6)
 
 
+def test_head_channels_are_saved_and_kept_by_fine_tuning(config, tmp_path):
+    narrow = replace(config, model=str(tmp_path / "narrow.pth"), iters=1, head_channels=64)
+    train(narrow)
+    model = Model.load(narrow.model)[0]
+    assert model.config.channels == 64 and model.cls_head[0].weight.shape == (64, 64, 3, 3)
+    tune = replace(config, model=str(tmp_path / "tuned.pth"), fine_tune=narrow.model, iters=1)
+    train(tune)
+    assert Model.load(tune.model)[0].config.channels == 64
+    budget = replace(tune, model=str(tmp_path / "budget.pth"), time_budget=1)   # the recipe keeps the base's width
+    train(budget)
+    assert Model.load(budget.model)[0].config.channels == 64
+    with pytest.raises(OdtkError, match="its FPN and heads are 64 channels wide, which --fine-tune keeps: drop "
+                                        "--head-channels 128"):
+        train(replace(tune, override=True, head_channels=128))
+
+
 # the per-iteration losses of the conftest `trained` recipe cut to 20 iterations, recorded with `odtk train` on the
 # code before the trainer was split into parts (bit-identical over runs on the 2-core CPU test machine)
 PINNED_LOSSES = [

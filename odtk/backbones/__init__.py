@@ -26,13 +26,14 @@ _BODIES: Dict[str, tuple] = {
 BACKBONES = tuple(_BODIES)
 
 
-def build_backbone(name: str, *, pretrained: bool) -> FPN:
-    """FPN backbone. Pretrained bodies get frozen BatchNorm and a frozen stem; from-scratch ones train BN."""
+def build_backbone(name: str, *, pretrained: bool, channels: int = 256) -> FPN:
+    """FPN backbone of `channels` width. Pretrained bodies get frozen BatchNorm and a frozen stem; from-scratch
+    ones train BN."""
     if name not in _BODIES:
         raise OdtkError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)})")
     factory, _ = _BODIES[name]
     norm: Callable[[int], nn.Module] = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
-    return FPN(factory(norm_layer=norm, freeze=pretrained))
+    return FPN(factory(norm_layer=norm, freeze=pretrained), channels=channels)
 
 
 def weight_file(name: str) -> str:
