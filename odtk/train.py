@@ -23,7 +23,7 @@ from .data import Augment, CocoDataset, loader_factory
 from .distributed import (MASTER, Context, Ranks, StopRequest, TrainingStopped, check_nodes, launch, local_workers,
                           resolve_device, torchrun_context)
 from .health import TrainingHealth
-from .model import Model, ModelConfig, config_from_dict, read_checkpoint
+from .model import Model, ModelConfig
 from .plots import TrainingResults
 from .progress import progress
 from .utils import OdtkError, autocast, autocast_dtype, log
@@ -126,8 +126,9 @@ def lr_factor(iteration: int, *, warmup: int, milestones, gamma: float) -> float
     return gamma ** sum(1 for m in milestones if m <= iteration)
 
 
-def build_model(cfg: TrainConfig, dataset: CocoDataset) -> Tuple[Model, dict]:
-    """A new model for `dataset`, optionally --fine-tune'd (resuming is `Model.load(cfg.model, ema=False)`)."""
+def build_model(cfg: TrainConfig, dataset: CocoDataset, *, base: Optional[Model] = None) -> Tuple[Model, dict]:
+    """A new model for `dataset`, optionally --fine-tune'd from `base` (default: loaded from cfg.fine_tune);
+    resuming is `Model.load(cfg.model, ema=False)`."""
     num_classes = len(dataset.category_ids)
     if cfg.classes is not None:
         if cfg.classes < num_classes:
@@ -135,7 +136,7 @@ def build_model(cfg: TrainConfig, dataset: CocoDataset) -> Tuple[Model, dict]:
         num_classes = cfg.classes
     names = [dataset.class_names.get(c, str(c)) for c in dataset.category_ids]
     if cfg.fine_tune:
-        return fine_tuned(cfg, dataset, num_classes, names), {}
+        return fine_tuned(cfg, dataset, num_classes, names, base or Model.load(cfg.fine_tune)[0]), {}
     backbones = list(cfg.backbone or [DEFAULT_BACKBONE])
     weights = {b: find_weights(b, cfg.backbone_weights) for b in backbones}
     pretrained = all(weights.values())
@@ -187,11 +188,10 @@ def log_data(cfg: TrainConfig, report: dict) -> AnchorChoice:
     return choice
 
 
-def fine_tuned(cfg: TrainConfig, dataset: CocoDataset, num_classes: int, names: List[str]) -> Model:
-    """--fine-tune: every weight of that checkpoint (its EMA when it has one) but the last class layer when the
-    classes differ, which starts afresh at the prior like a new model's. Its anchors are kept: the box head has
-    learned them."""
-    base, _ = Model.load(cfg.fine_tune)
+def fine_tuned(cfg: TrainConfig, dataset: CocoDataset, num_classes: int, names: List[str], base: Model) -> Model:
+    """--fine-tune: every weight of that checkpoint (`base`, loaded with its EMA when it has one) but the last class
+    layer when the classes differ, which starts afresh at the prior like a new model's. Its anchors are kept: the
+    box head has learned them."""
     mc = base.config
     check_rotated(cfg, mc, cfg.fine_tune, "--fine-tune starts from", "fine-tune from a rotated model")
     if cfg.head_channels not in (None, mc.channels):
@@ -436,11 +436,11 @@ def new_state(cfg: TrainConfig, model: Model, saved: dict, device: torch.device)
     return state
 
 
-def starting_point(cfg: TrainConfig, ctx: Context = Context(), *, given: Optional[Dict[str, object]] = None
+def starting_point(cfg: TrainConfig, ctx: Context = Context(), *, given: Dict[str, object]
                    ) -> Tuple[CocoDataset, Model, dict, bool, int]:
     """The training set, the model and its saved training state, whether MODEL is resumed, and the number of
-    validation images. With --time-budget, cfg gets the recipe first (a resumed run the one it started with) and
-    keeps `given` (default: recipe.given_fields(cfg))."""
+    validation images. With --time-budget, cfg gets the recipe first (a resumed run the one it started with),
+    keeping the `given` settings (recipe.given_fields before it)."""
     resumed = Model.load(cfg.model, ema=False) if os.path.exists(cfg.model) and not cfg.override else None
     if resumed:   # before the data: its boxes are read as the model's kind
         check_resume(cfg, resumed[0].config)
@@ -454,14 +454,13 @@ def starting_point(cfg: TrainConfig, ctx: Context = Context(), *, given: Optiona
                           rotated=cfg.rotated_bbox)
         check_data_kind(cfg, val)
         val_images = len(val)
+    base = Model.load(cfg.fine_tune)[0] if cfg.fine_tune and not resumed else None   # read once, used twice
     if cfg.time_budget:
-        given = recipe.given_fields(cfg) if given is None else given
-        if cfg.fine_tune and "head_channels" not in given:   # the width of the weights it starts from
-            given = {**given, "head_channels": config_from_dict(read_checkpoint(cfg.fine_tune)["config"],
-                                                                cfg.fine_tune).channels}
+        if base is not None and "head_channels" not in given:   # the width of the weights it starts from
+            given = {**given, "head_channels": base.config.channels}
         budget_recipe(cfg, ctx, dataset, resumed[1] if resumed else None, val_images=val_images, given=given)
     if not resumed:
-        return (dataset, *build_model(cfg, dataset), False, val_images)
+        return (dataset, *build_model(cfg, dataset, base=base), False, val_images)
     model, saved = resumed
     log.info(f"resuming {cfg.model} at iteration {saved.get('iteration', 0)}")
     log_data(cfg, anchor_report(cfg, dataset, model.config))
